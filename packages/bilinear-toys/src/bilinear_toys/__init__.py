@@ -1,0 +1,1 @@
+"""Polynomial toy transformers (quadratic attention, bilinear MLPs) and weight-based circuit analysis."""

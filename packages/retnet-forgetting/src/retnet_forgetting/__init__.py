@@ -1,0 +1,1 @@
+"""RetNet state extraction, associative-recall probes and forgetting curves."""

@@ -1,0 +1,1 @@
+"""Titans neural memory and the Memory-as-Context transformer."""

@@ -1,0 +1,7 @@
+"""seqmem-shared: building blocks shared by the seqmem research packages.
+
+Submodules: ``tokenization``, ``kernels`` (RMSNorm, cross-entropy), ``optim``, ``data`` (MQAR,
+streaming text), ``train`` (the shared training loop), ``backends`` and ``io``.
+"""
+
+__version__ = "0.1.0"
