@@ -53,19 +53,20 @@ def triton_status() -> tuple[bool, str]:
 def resolve_backend(backend: str, *tensors: torch.Tensor, fast: str = "triton") -> str:
     """Map ``backend`` to ``"torch"`` or ``fast`` for inputs ``tensors``.
 
-    ``"auto"`` gives ``fast`` when every tensor is on CUDA (or Triton runs in interpreter mode) and
-    the fast path is usable, else ``"torch"``. Asking for ``fast`` explicitly when it cannot run raises.
+    ``"auto"`` gives ``fast`` when every tensor is on CUDA and the fast path is usable, else
+    ``"torch"``. Asking for ``fast`` explicitly runs it on CPU tensors only under ``TRITON_INTERPRET=1``
+    (how CI tests our kernels); when it cannot run, that raises.
     """
     if backend not in ("auto", "torch", fast):
         raise ValueError(f"backend={backend!r}: expected one of 'auto', 'torch', {fast!r}")
     if backend == "torch":
         return "torch"
     ok, why = triton_status() if fast == "triton" else (True, "")
-    on_device = all(t.is_cuda for t in tensors) or (fast == "triton" and interpret_mode())
+    on_cuda = all(t.is_cuda for t in tensors)
     if backend == fast:
         if not ok:
             raise RuntimeError(f"backend={fast!r} requested but unusable: {why}")
-        if not on_device:
+        if not (on_cuda or (fast == "triton" and interpret_mode())):
             raise RuntimeError(f"backend={fast!r} needs CUDA tensors (or TRITON_INTERPRET=1)")
         return fast
-    return fast if (ok and on_device) else "torch"
+    return fast if (ok and on_cuda) else "torch"
