@@ -1,0 +1,1 @@
+"""Data for the seqmem packages: ``mqar`` (synthetic associative recall) and ``text`` (streaming text)."""
