@@ -1,0 +1,80 @@
+"""Retention: recurrent, chunked and parallel forms, chunk-entry states and states at any positions.
+
+``backend="auto"`` runs fla's kernels for CUDA tensors when fla is installed and the PyTorch reference
+otherwise; ``"torch"`` forces the reference, ``"fla"`` forces fla (raises when it cannot run).
+"""
+
+from __future__ import annotations
+
+import torch
+from seqmem_shared.backends import optional_import, resolve_backend
+
+from retnet_forgetting.ops.retention import reference
+from retnet_forgetting.ops.retention.reference import (
+    DEFAULT_CHUNK_SIZE,
+    chunk_retention,
+    parallel_retention,
+    recurrent_retention,
+    retention_log_decay,
+)
+
+MODES = ("chunk", "recurrent", "parallel")
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE", "MODES", "chunk_retention", "chunk_states", "parallel_retention",
+    "recurrent_retention", "retention", "retention_log_decay", "states_at_positions",
+]
+
+
+def _backend(backend: str, *tensors: torch.Tensor) -> str:
+    if backend not in ("auto", "torch", "fla"):
+        raise ValueError(f"backend={backend!r}: expected one of 'auto', 'torch', 'fla'")
+    choice = resolve_backend(backend, *tensors, fast="fla")
+    if choice == "fla" and optional_import("fla.ops.retention", "retention kernels") is None:
+        if backend == "fla":
+            raise RuntimeError("backend='fla' requested but fla is not importable "
+                               "(pip install flash-linear-attention)")
+        return "torch"
+    return choice
+
+
+def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "chunk",
+              scale: float | None = None, initial_state: torch.Tensor | None = None,
+              output_final_state: bool = False, backend: str = "auto",
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Retention output ``[B, T, H, Dv]`` and (optionally) the final state ``[B, H, Dk, Dv]`` fp32.
+
+    ``mode``: ``"chunk"`` (chunked parallel), ``"recurrent"`` (token by token) or ``"parallel"``
+    (quadratic; no initial/final state).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if mode == "parallel" and (initial_state is not None or output_final_state):
+        raise ValueError("mode='parallel' takes no initial_state and returns no final state; use 'chunk'")
+    if _backend(backend, q, k, v) == "fla":
+        from retnet_forgetting.ops.retention.fla_kernels import fla_retention
+
+        return fla_retention(q, k, v, mode, scale, initial_state, output_final_state)
+    if mode == "parallel":
+        return parallel_retention(q, k, v, scale), None
+    fn = chunk_retention if mode == "chunk" else recurrent_retention
+    return fn(q, k, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def chunk_states(k: torch.Tensor, v: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 initial_state: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """States entering each chunk, ``[B, ceil(T/C), H, Dk, Dv]`` float32 (``h[:, c] = S_{cC-1}``)."""
+    if _backend(backend, k, v) == "fla":
+        from retnet_forgetting.ops.retention.fla_kernels import fla_chunk_states
+
+        return fla_chunk_states(k, v, chunk_size, initial_state)
+    return reference.chunk_states(k, v, chunk_size, initial_state)
+
+
+def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        h: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                        initial_state: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """``S_t`` (state after token ``t``) for ``positions [K]`` or ``[B, K]``: ``[B, K, H, Dk, Dv]`` fp32."""
+    if h is None:
+        h = chunk_states(k, v, chunk_size, initial_state, backend=backend)
+    return reference.states_at_positions(k, v, positions, h=h, chunk_size=chunk_size)

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from retnet_forgetting.ops.retention import (
+    chunk_states,
+    retention,
+    retention_log_decay,
+    states_at_positions,
+)
+
+
+def _qkv(B=2, T=37, H=3, Dk=8, Dv=12, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, T, H, d, generator=g).to(dtype) for d in (Dk, Dk, Dv))
+
+
+def _prefix_state(k, v, t):
+    """S_t by direct summation: sum_{i<=t} gamma^(t-i) k_i^T v_i (float64)."""
+    g = retention_log_decay(k.shape[2]).double().exp()
+    w = g[None, :] ** torch.arange(t, -1, -1, dtype=torch.float64)[:, None]  # [t+1, H]
+    return torch.einsum("bihk,ih,bihv->bhkv", k[:, : t + 1].double(), w, v[:, : t + 1].double())
+
+
+def test_decay_matches_retnet_formula():
+    gam = retention_log_decay(10).exp()
+    assert torch.allclose(gam, torch.tensor([1 - 2.0 ** (-5 - h) for h in range(10)]))
+    half_lives = math.log(0.5) / retention_log_decay(10)
+    assert 21 < half_lives[0] < 23 and 11_000 < half_lives[-1] < 11_500
+
+
+@pytest.mark.parametrize("T", [1, 16, 37, 64, 130])
+def test_three_forms_agree(T):
+    q, k, v = _qkv(T=T)
+    o_par, _ = retention(q, k, v, mode="parallel")
+    o_rec, s_rec = retention(q, k, v, mode="recurrent", output_final_state=True)
+    o_chk, s_chk = retention(q, k, v, mode="chunk", output_final_state=True)
+    torch.testing.assert_close(o_rec, o_par, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o_chk, o_par, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s_chk, s_rec, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s_rec.double(), _prefix_state(k, v, T - 1), atol=1e-4, rtol=1e-4)
+
+
+def test_scale_is_on_q_only_and_state_unscaled():
+    q, k, v = _qkv(T=5, Dk=16)
+    _, s = retention(q, k, v, mode="recurrent", output_final_state=True)
+    torch.testing.assert_close(s.double(), _prefix_state(k, v, 4), atol=1e-5, rtol=1e-5)
+    o_unscaled, _ = retention(q, k, v, mode="chunk", scale=1.0)
+    o_default, _ = retention(q, k, v, mode="chunk")  # default scale 16^-0.5 = 0.25, on q only
+    torch.testing.assert_close(o_default, 0.25 * o_unscaled, atol=1e-5, rtol=1e-5)
+
+
+def test_initial_state_continues_the_sequence():
+    q, k, v = _qkv(T=50)
+    o_full, s_full = retention(q, k, v, mode="chunk", output_final_state=True)
+    o_a, s_a = retention(q[:, :21], k[:, :21], v[:, :21], mode="chunk", output_final_state=True)
+    o_b, s_b = retention(q[:, 21:], k[:, 21:], v[:, 21:], mode="chunk", initial_state=s_a,
+                         output_final_state=True)
+    torch.testing.assert_close(torch.cat([o_a, o_b], 1), o_full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s_b, s_full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16, 64])
+def test_states_at_positions_equal_prefix_states(chunk_size):
+    _, k, v = _qkv(T=45)
+    positions = torch.tensor([[0, 3, 4, 15, 16, 44], [44, 7, 31, 32, 1, 0]])
+    h = chunk_states(k, v, chunk_size)
+    assert h.shape == (2, -(-45 // chunk_size), 3, 8, 12)
+    got = states_at_positions(k, v, positions, h=h, chunk_size=chunk_size)
+    for b in range(2):
+        for j, t in enumerate(positions[b].tolist()):
+            torch.testing.assert_close(got[b, j].double(), _prefix_state(k[b:b + 1], v[b:b + 1], t)[0],
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    _, k, v = _qkv(T=300, dtype=torch.bfloat16)
+    got = states_at_positions(k, v, torch.tensor([299]))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[:, 0].double(), _prefix_state(k, v, 299), atol=1e-3, rtol=1e-4)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = _qkv(T=8)
+    with pytest.raises(ValueError, match="positions"):
+        states_at_positions(k, v, torch.tensor([8]))
+    with pytest.raises(ValueError, match="mode"):
+        retention(q, k, v, mode="fused")
+    with pytest.raises(ValueError, match=r"\[B, T, H, D\]"):
+        retention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="backend"):
+        retention(q, k, v, backend="cuda")
+    with pytest.raises(RuntimeError, match="fla"):
+        retention(q, k, v, backend="fla")
