@@ -22,6 +22,7 @@ same indices as one process with accumulation W * A.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -37,7 +38,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from seqmem_shared.io import atomic_write_text
-from seqmem_shared.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, unwrap_model
+from seqmem_shared.train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap_model,
+)
 from seqmem_shared.train.config import TrainConfig
 from seqmem_shared.train.distributed import (
     all_gather_object,
@@ -130,6 +137,15 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, Mapping[str, Any]]:
     if not isinstance(extras, Mapping):
         raise ValueError(f"loss_fn: expected (loss, dict of floats), got (loss, {type(extras).__name__})")
     return loss, extras
+
+
+def _optim(name: str) -> Any:
+    try:
+        from seqmem_shared import optim
+    except ImportError as exc:
+        raise RuntimeError(f"Trainer: pass optimizer= and scheduler=, or install seqmem_shared.optim ({exc})"
+                           ) from exc
+    return getattr(optim, name)
 
 
 class _DataSource:
@@ -310,15 +326,16 @@ class Trainer:
         return self.out_dir / METRICS_NAME if self.out_dir else None
 
     def _default_optimizer(self) -> torch.optim.Optimizer:
-        from seqmem_shared.optim import build_optimizer
-
+        build_optimizer = _optim("build_optimizer")
         cfg = self.config
-        return build_optimizer(self.raw_model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               betas=cfg.betas)
+        kwargs: dict[str, Any] = {"name": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        params = inspect.signature(build_optimizer).parameters.values()
+        if any(p.name == "betas" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            kwargs["betas"] = cfg.betas
+        return build_optimizer(self.raw_model, **kwargs)
 
     def _default_scheduler(self) -> Any:
-        from seqmem_shared.optim import cosine_with_warmup
-
+        cosine_with_warmup = _optim("cosine_with_warmup")
         cfg = self.config
         return cosine_with_warmup(self.optimizer, cfg.warmup_steps, cfg.max_steps,
                                   min_lr_ratio=cfg.min_lr_ratio)
@@ -541,7 +558,13 @@ class Trainer:
         path = self.checkpoint_path
         if not (self.config.resume and path is not None and path.is_file()):
             return False
-        ckpt = load_checkpoint(path, self.raw_model, self.optimizer, self.scheduler)
+        try:
+            ckpt = load_checkpoint(path, self.raw_model, self.optimizer, self.scheduler)
+        except CheckpointError as exc:  # e.g. numpy objects in a data state: this run's own file, trust it
+            if "weights_only" not in str(exc):
+                raise
+            log.warning("seqmem: %s holds non-tensor objects; loading it with weights_only=False", path)
+            ckpt = load_checkpoint(path, self.raw_model, self.optimizer, self.scheduler, weights_only=False)
         state = ckpt.get("extra", {}).get("trainer", {})
         self.step = int(ckpt["step"])
         if state.get("scaler"):
