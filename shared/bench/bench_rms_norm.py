@@ -1,0 +1,204 @@
+"""Benchmark RMSNorm: our Triton kernel against torch eager, torch.compile and Liger-Kernel.
+
+Prints one JSON document (and writes it to ``--out`` when given). For every hidden size ``d`` and
+implementation: median time of forward-only (under ``no_grad``) and forward + backward
+(``triton.testing.do_bench``, grads reset between runs), and the peak memory the forward + backward
+allocates beyond its inputs.
+
+HBM traffic floor, with ``b`` = bytes per activation element, ``bw`` per weight element, N rows:
+  forward:            read x, write y, read w                     = 2*N*d*b + d*bw
+  forward + backward: forward, then read x, read dy, write dx,
+                      read w, write dweight                        = 5*N*d*b + 3*d*bw
+(``rstd`` is not counted: a kernel may recompute it from x.) Floor time = bytes / bandwidth, with the
+bandwidth measured in the same run by a device-to-device copy (bytes read + written over time).
+
+    python shared/bench/bench_rms_norm.py [--rows 8192] [--dims 256 4096 16384] [--out results.json]
+    python shared/bench/bench_rms_norm.py --tune   # sweep our launch configs per d instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _bandwidth_gbps(do_bench) -> float:
+    n = 1 << 28  # 1 GiB of float32
+    src = torch.randn(n, device="cuda")
+    ms = do_bench(functools.partial(torch.Tensor.copy_, torch.empty_like(src), src), warmup=25, rep=200,
+                  return_mode="median")
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def _peak_mb(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _forward(fn: Callable, x: torch.Tensor, w: torch.Tensor) -> None:
+    with torch.no_grad():
+        fn(x, w)
+
+
+def _forward_backward(fn: Callable, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> None:
+    fn(x, w).backward(dy)
+
+
+def _implementations(d: int, eps: float, weight: torch.nn.Parameter) -> dict[str, Callable | str]:
+    from seqmem_shared.kernels.rms_norm import rms_norm, rms_norm_reference
+
+    impls: dict[str, Callable | str] = {
+        "seqmem_triton": lambda x, w: rms_norm(x, w, eps, backend="triton"),
+        "torch_eager_reference": lambda x, w: rms_norm_reference(x, w, eps),
+        "torch_compile_reference": torch.compile(lambda x, w: rms_norm_reference(x, w, eps), dynamic=False),
+        "torch_F_rms_norm": lambda x, w: F.rms_norm(x, (d,), w, eps),
+    }
+    try:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        impls["liger"] = f"unavailable ({type(exc).__name__}: {exc})"
+    else:
+        liger = LigerRMSNorm(d, eps=eps).to(device="cuda", dtype=weight.dtype)
+        liger.weight = weight  # share the benchmark's weight tensor
+
+        def run_liger(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            assert w is liger.weight
+            return liger(x)
+
+        impls["liger"] = run_liger
+    return impls
+
+
+def bench(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -> dict:
+    import triton
+    from triton.testing import do_bench
+
+    bandwidth = _bandwidth_gbps(do_bench)
+    results = {
+        "benchmark": "rms_norm",
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "rows": rows,
+        "dtype": str(dtype).removeprefix("torch."),
+        "copy_bandwidth_GBps": round(bandwidth, 1),
+        "sizes": [],
+    }
+    for d in dims:
+        g = torch.Generator(device="cuda").manual_seed(d)
+        x = torch.randn(rows, d, device="cuda", generator=g).to(dtype).requires_grad_()
+        w = torch.nn.Parameter((1 + 0.1 * torch.randn(d, device="cuda", generator=g)).to(dtype))
+        dy = torch.randn(rows, d, device="cuda", generator=g).to(dtype)
+        b, bw = x.element_size(), w.element_size()
+        floor_fwd = (2 * rows * d * b + d * bw) / (bandwidth * 1e9) * 1e3
+        floor_fb = (5 * rows * d * b + 3 * d * bw) / (bandwidth * 1e9) * 1e3
+        entry: dict = {"d": d, "floor_fwd_ms": round(floor_fwd, 4), "floor_fwd_bwd_ms": round(floor_fb, 4),
+                       "impls": {}}
+        for name, fn in _implementations(d, eps, w).items():
+            if isinstance(fn, str):
+                entry["impls"][name] = fn
+                continue
+
+            fwd = functools.partial(_forward, fn, x, w)
+            fwd_bwd = functools.partial(_forward_backward, fn, x, w, dy)
+            fwd_bwd()  # compile / warm up
+            x.grad = w.grad = None
+            fwd_ms = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+            fb_ms = do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=[x, w], return_mode="median")
+            x.grad = w.grad = None
+            peak = _peak_mb(fwd_bwd)
+            x.grad = w.grad = None
+            entry["impls"][name] = {"fwd_ms": round(fwd_ms, 4), "fwd_bwd_ms": round(fb_ms, 4),
+                                    "fwd_bwd_peak_extra_MB": round(peak, 1)}
+        ours = entry["impls"]["seqmem_triton"]
+        peers = {k: v for k, v in entry["impls"].items() if isinstance(v, dict)
+                 and k in ("torch_eager_reference", "torch_compile_reference", "liger")}
+        best = min(peers, key=lambda k: peers[k]["fwd_bwd_ms"])
+        entry["summary"] = {
+            "best_peer_fwd_bwd": best,
+            "speedup_vs_best_peer_fwd_bwd": round(peers[best]["fwd_bwd_ms"] / ours["fwd_bwd_ms"], 3),
+            "ours_over_floor_fwd_bwd": round(ours["fwd_bwd_ms"] / floor_fb, 3),
+            "ours_over_floor_fwd": round(ours["fwd_ms"] / floor_fwd, 3),
+            "ours_fraction_of_copy_bandwidth_fwd_bwd": round(floor_fb / ours["fwd_bwd_ms"], 3),
+        }
+        results["sizes"].append(entry)
+        del x, w, dy
+    return results
+
+
+def tune(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -> dict:
+    """Time our forward and backward kernels over a grid of launch configs; report the best per d."""
+    import triton
+    from seqmem_shared.kernels.rms_norm import triton as kernels
+    from triton.testing import do_bench
+
+    out: dict = {"device": torch.cuda.get_device_name(), "rows": rows, "dtype": str(dtype), "sizes": []}
+    for d in dims:
+        x = torch.randn(rows, d, device="cuda").to(dtype)
+        w = (1 + 0.1 * torch.randn(d, device="cuda")).to(dtype)
+        dy = torch.randn(rows, d, device="cuda").to(dtype)
+        _, _, rstd = kernels.rms_norm_fwd(x, w, eps)
+        block_d = triton.next_power_of_2(d)
+        fused = block_d <= kernels.MAX_FUSED_BLOCK
+        tiles = [(r, block_d) for r in (1, 2, 4, 8, 16, 32) if 512 <= r * block_d <= 16384] if fused else \
+            [(1, bd) for bd in (1024, 2048, 4096, 8192)]
+        fwd = functools.partial(kernels.rms_norm_fwd, x, w, eps)
+        bwd = functools.partial(kernels.rms_norm_bwd, dy, x, w, rstd, x.dtype)
+        fwd_times, bwd_times = [], []
+        for block_r, bd in tiles:
+            for warps in (2, 4, 8, 16, 32):
+                if not 4 <= block_r * bd // (32 * warps) <= 64:  # elements per thread
+                    continue
+                cfg = kernels.Config(block_r, bd, warps)
+                fwd_times.append((do_bench(functools.partial(fwd, config=cfg), return_mode="median"), cfg))
+                for pps in (1, 2, 4, 8):
+                    cfg = kernels.Config(block_r, bd, warps, pps)
+                    ms = do_bench(functools.partial(bwd, config=cfg), return_mode="median")
+                    bwd_times.append((ms, cfg))
+        fwd_times.sort(key=lambda t: t[0])
+        bwd_times.sort(key=lambda t: t[0])
+        show = lambda times: [[round(ms, 4), cfg.__dict__] for ms, cfg in times]
+        out["sizes"].append({
+            "d": d,
+            "default_fwd": show([(do_bench(fwd, return_mode="median"), kernels.fwd_config(d))]),
+            "default_bwd": show([(do_bench(bwd, return_mode="median"), kernels.bwd_config(d))]),
+            "best_fwd": show(fwd_times[:4]), "best_bwd": show(bwd_times[:6]),
+        })
+        print(json.dumps(out["sizes"][-1]), file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 4096, 16384])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--tune", action="store_true", help="sweep our kernels' launch configs instead")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_rms_norm: needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    result = (tune if args.tune else bench)(args.rows, args.dims, dtype)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from seqmem_shared.io import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
