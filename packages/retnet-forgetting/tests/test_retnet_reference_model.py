@@ -40,15 +40,18 @@ def test_unfused_norm_renames_gate_norm_so_fused_checkpoints_fail_loudly():
         unfused.load_state_dict(fused)
 
 
+@pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": True}, {"num_kv_heads": 1},
+                                {"intermediate_size": 40}, {"use_output_gate": False, "fuse_norm": False}])
+def test_analytic_parameter_count_matches_built_model(kw):
+    m = _model(**kw)
+    assert sum(p.numel() for p in m.parameters()) == m.config.num_parameters()
+
+
 def test_2_7b_config_has_2_72b_parameters():
     cfg = RetNetConfig(**RETNET_2_7B)
     assert (cfg.head_k_dim, cfg.head_v_dim, cfg.num_heads) == (256, 512, 10)
     assert cfg.mlp_intermediate_size == 3584
-    with torch.device("meta"):
-        m = RetNetForCausalLM(cfg)
-    n = sum(p.numel() for p in m.parameters())
-    assert n == cfg.num_parameters()
-    assert round(n / 1e9, 2) == 2.72
+    assert round(cfg.num_parameters() / 1e9, 2) == 2.72
 
 
 def test_modes_and_state_continuation_agree():

@@ -74,8 +74,9 @@ def test_single_pass_streams_every_position(model, ids):
     ex = RetNetStateExtractor(model, chunk_size=8, position_block=16)
     full = ex.extract_states_single_pass(ids, layers=[0, 2])
     assert full[2].shape == (2, 45, 2, 16, 32)
-    oracle = ex.extract_states_incremental(ids, range(45), layers=[2])
-    torch.testing.assert_close(full[2], oracle[2], atol=1e-4, rtol=1e-4)
+    some = [0, 5, 7, 8, 23, 44]
+    oracle = ex.extract_states_incremental(ids, some, layers=[2])
+    torch.testing.assert_close(full[2][:, some], oracle[2], atol=1e-4, rtol=1e-4)
     seen = []
     ex.extract_states_single_pass(ids, layers=[1], reduce=lambda s: s.norm(dim=(-2, -1)),
                                   sink=lambda layer, pos, s: seen.append((layer, pos, s)))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from seqmem_shared.kernels.rms_norm import RMSNorm, rms_norm
 from torch import nn
 
 from retnet_forgetting.ops.retention import retention
-from retnet_forgetting.reference._norm import RMSNorm, rms_norm
 from retnet_forgetting.reference.configuration import RetNetConfig
 
 

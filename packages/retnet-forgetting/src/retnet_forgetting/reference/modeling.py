@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from seqmem_shared.kernels.rms_norm import RMSNorm
 from torch import nn
 
 from retnet_forgetting.padding import gather_rows, right_align_index, scatter_rows
-from retnet_forgetting.reference._norm import RMSNorm
 from retnet_forgetting.reference.configuration import RetNetConfig
 from retnet_forgetting.reference.layers import GatedMLP, MultiScaleRetention
 
@@ -109,6 +109,8 @@ class RetNetForCausalLM(nn.Module):
     def reset_parameters(self) -> None:
         """fla's initialization: normal(0, initializer_range) for linear and embedding weights, norms 1."""
         std = self.config.initializer_range
+        if self.lm_head.weight.is_meta:  # shapes only (e.g. counting parameters): nothing to initialize
+            return
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
