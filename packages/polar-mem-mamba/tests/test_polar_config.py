@@ -1,0 +1,77 @@
+"""Config: the seed's defaults, YAML loading, precise one-line errors, named architectures."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from polar_mem_mamba import ARCHITECTURES, Config, ConfigError
+from polar_mem_mamba.config import _CHECKS
+
+
+def test_defaults_are_the_seed_table():
+    c = Config()
+    assert (c.d_model, c.d_state, c.encoder_layers, c.decoder_layers) == (256, 64, 6, 6)
+    assert c.cross_attn_layers == (0, 2)
+    assert (c.mem_pool_size, c.mem_update_freq, c.num_pairs, c.num_queries) == (50, 4, 128, 16)
+    assert (c.vocab_size, c.batch_size, c.learning_rate, c.weight_decay) == (8192, 256, 3e-4, 0.01)
+    assert (c.label_smoothing, c.grad_clip, c.architecture) == (0.1, 1.0, "hybrid")
+
+
+def test_every_field_is_validated():
+    names = {f.name for f in dataclasses.fields(Config) if not f.name.startswith("_")}
+    assert names == set(_CHECKS)
+
+
+def test_architectures_are_the_five_named_configs():
+    assert set(ARCHITECTURES) == {"mamba2", "polar", "polar_pool", "hybrid", "attention"}
+    assert not any([ARCHITECTURES["mamba2"].polarized, ARCHITECTURES["mamba2"].encoder_attention,
+                    ARCHITECTURES["mamba2"].cross_attention])
+    full = ARCHITECTURES["hybrid"]
+    assert full.polarized and full.memory_pool and full.cross_attention and full.encoder_attention
+
+
+def test_yaml_loading_and_roundtrip(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("architecture: polar\nd_state: 16\nlearning_rate: 1e-3\ncross_attn_layers: [2, 0]\n")
+    c = Config.from_yaml(path)
+    assert (c.architecture, c.d_state, c.learning_rate, c.cross_attn_layers) == ("polar", 16, 1e-3, (0, 2))
+    assert c.run_name == "exp"
+    assert Config.from_dict(c.to_dict()) == c
+    (tmp_path / "empty.yaml").write_text("")
+    assert Config.from_yaml(tmp_path / "empty.yaml").d_model == 256
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("d_stat: 16\n", r"bad.yaml: Config: unknown field 'd_stat' \(did you mean 'd_state'\?\)$"),
+        ("zzz: 1\n", r"unknown field 'zzz'; expected one of architecture, d_model"),
+        ("d_state: -3\n", r"Config.d_state: expected a positive integer, got -3"),
+        ("d_state: 2.5\n", r"Config.d_state: expected a positive integer, got 2.5"),
+        ("architecture: mamba3\n", r"Config.architecture: expected one of 'mamba2', .*got 'mamba3'"),
+        ("learning_rate: fast\n", r"Config.learning_rate: expected a number in \(0, inf\], got 'fast'"),
+        ("label_smoothing: 1.5\n", r"Config.label_smoothing: expected a number in \[0, 1\), got 1.5"),
+        ("cross_attn_layers: [0, 9]\n", r"Config.cross_attn_layers: expected layer indices in \[0, "
+                                        r"decoder_layers=6\), got \[0, 9\]"),
+        ("headdim: 48\n", r"Config.headdim: expected a divisor of expand \* d_model = 512, got 48"),
+        ("compile: yes please\n", r"Config.compile: expected true or false"),
+        ("- 1\n- 2\n", r"expected a mapping of field: value, got list"),
+        ("d_model: [\n", r"invalid YAML at line"),
+    ],
+)
+def test_config_errors_are_one_line_and_name_the_field(tmp_path, text, pattern):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=pattern) as info:
+        Config.from_yaml(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_and_replace():
+    with pytest.raises(ConfigError, match="config file not found: nowhere.yaml"):
+        Config.from_yaml("nowhere.yaml")
+    c = Config().replace(d_state=16)
+    assert c.d_state == 16
+    with pytest.raises(ConfigError, match="unknown field 'dstate'"):
+        Config().replace(dstate=16)
