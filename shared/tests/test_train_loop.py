@@ -536,7 +536,7 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
 
 def test_checkpoints_are_portable_across_wrappers(tmp_path):
     model = TinyNet(seed=1)
-    compiled = torch.compile(model)  # wrapper only: nothing is compiled until it is called
+    compiled = torch.compile(model, backend="eager")  # a wrapper only: nothing is compiled until called
     save_checkpoint(tmp_path / "c.pt", compiled, step=0)
     saved = torch.load(tmp_path / "c.pt", weights_only=True)["model"]
     assert set(saved) == set(model.state_dict())  # no "_orig_mod." prefixes
@@ -544,7 +544,7 @@ def test_checkpoints_are_portable_across_wrappers(tmp_path):
     prefixed = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save({"model": prefixed, "step": 3}, tmp_path / "ddp.pt")
     target = TinyNet(seed=2)
-    assert load_checkpoint(tmp_path / "ddp.pt", torch.compile(target))["step"] == 3
+    assert load_checkpoint(tmp_path / "ddp.pt", torch.compile(target, backend="eager"))["step"] == 3
     assert_same_weights(model, target)
 
 
@@ -590,6 +590,8 @@ def test_config_unknown_key_roundtrip_and_yaml_floats(tmp_path):
     assert cfg.lr == 3e-4 and cfg.betas == (0.8, 0.9) and cfg.out_dir == str(tmp_path)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert set(_CHECKS) == set(TrainConfig.field_names())  # every field is validated
+    with pytest.raises(ValueError, match=r"TrainConfig.optimizer_kwargs: expected a mapping"):
+        TrainConfig(optimizer_kwargs=["adamw_lr"])
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = Trainer(model, {"max_steps": 2, "progress": False}, plain_loss, GeneratorSource(),
@@ -598,12 +600,16 @@ def test_config_unknown_key_roundtrip_and_yaml_floats(tmp_path):
     assert trainer.fit()["step"] == 2  # no out_dir: nothing written
 
 
-def test_default_optimizer_and_schedule(tmp_path):
-    pytest.importorskip("seqmem_shared.optim", reason="seqmem_shared.optim not built yet")
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_default_optimizer_and_schedule(tmp_path, name):
+    optim = pytest.importorskip("seqmem_shared.optim", reason="seqmem_shared.optim not built yet")
+    if not hasattr(optim, "build_optimizer"):
+        pytest.skip("seqmem_shared.optim.build_optimizer not built yet")
     model = TinyNet(dropout=0.0)
-    trainer = Trainer(model, TrainConfig(max_steps=10, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1,
-                                         progress=False, out_dir=str(tmp_path)),
-                      plain_loss, GeneratorSource())
+    cfg = TrainConfig(max_steps=10, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1, optimizer=name, log_every=1,
+                      optimizer_kwargs={"eps": 1e-7}, progress=False, out_dir=str(tmp_path))
+    trainer = Trainer(model, cfg, plain_loss, GeneratorSource())
+    assert trainer.optimizer.param_groups[-1]["eps"] == 1e-7
     lrs = []
     trainer.callbacks.append(type("LR", (), {"on_step_end": lambda s, t, step, m: lrs.append(m["lr"])})())
     result = trainer.fit()

@@ -24,12 +24,14 @@ class TrainConfig:
     (on CPU too), "fp16" adds a GradScaler. ``grad_clip`` None or 0 disables clipping (the norm is still
     logged). ``tokens_per_batch``/``examples_per_batch`` (per micro-batch per rank) turn on throughput
     logging. ``best_metric`` names a key of ``eval_fn``'s dict; ``best.pt`` keeps the best by ``best_mode``.
+    ``optimizer_kwargs`` go to ``seqmem_shared.optim.build_optimizer`` (e.g. ``adamw_lr``, ``adjust_lr_fn``).
     """
 
     max_steps: int = 1000
     lr: float = 3e-4
     weight_decay: float = 0.01
     optimizer: str = "adamw"
+    optimizer_kwargs: dict[str, Any] | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
@@ -177,6 +179,14 @@ def _check_out_dir(cfg: TrainConfig, name: str) -> None:
     cfg.out_dir = os.fspath(v)
 
 
+def _check_optimizer_kwargs(cfg: TrainConfig, name: str) -> None:
+    v = cfg.optimizer_kwargs
+    if v is not None and not (isinstance(v, Mapping) and all(isinstance(k, str) for k in v)):
+        _fail(name, "a mapping of build_optimizer keyword -> value, or null", v)
+    if v is not None:
+        cfg.optimizer_kwargs = dict(v)
+
+
 def _check_best_metric(cfg: TrainConfig, name: str) -> None:
     v = cfg.best_metric
     if v is not None and (not isinstance(v, str) or not v):
@@ -188,6 +198,7 @@ _CHECKS = {
     "lr": _float_check(0.0, math.inf, True, "a positive float"),
     "weight_decay": _float_check(0.0, math.inf, False, "a non-negative float"),
     "optimizer": _choice_check(OPTIMIZERS),
+    "optimizer_kwargs": _check_optimizer_kwargs,
     "betas": _check_betas,
     "warmup_steps": _int_check(0, "a non-negative integer"),
     "min_lr_ratio": _float_check(0.0, 1.0, False, "a float in [0, 1]"),

@@ -11,18 +11,20 @@ Data: ``train_data`` is one of
   in checkpoints as the data position);
 - a callable ``get_batch(index)``, deterministic in ``index`` (e.g. MQAR generated on the device from
   a seed and ``index``): resume needs no state;
-- an iterable (re-iterated when exhausted) or iterator; with ``state_dict()``/``load_state_dict()``
-  it resumes exactly, otherwise resume skips the batches already consumed (with a warning).
+- an iterable of batches (re-iterated when exhausted) or an iterator; with ``state_dict()``/
+  ``load_state_dict()`` it resumes exactly, otherwise resume skips the batches already consumed (with a
+  warning). For an iterable of single examples (e.g. ``StreamingTextDataset``) wrap it in
+  :class:`~seqmem_shared.train.Batches`, which batches it and keeps its position.
 
 ``index`` is the global micro-batch counter ``(step * grad_accum_steps + micro) * world_size + rank``:
 every rank and micro-batch gets a distinct index, and DDP over W ranks with accumulation A consumes the
-same indices as one process with accumulation W * A.
+same indices as one process with accumulation W * A. Sources that ignore ``index`` must differ per rank
+themselves (seed or shard them with ``get_rank()``). Checkpoints keep every rank's data state and RNG.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -140,12 +142,14 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, Mapping[str, Any]]:
 
 
 def _optim(name: str) -> Any:
+    """``seqmem_shared.optim.<name>``, imported on first use (only the defaults need it)."""
     try:
         from seqmem_shared import optim
-    except ImportError as exc:
-        raise RuntimeError(f"Trainer: pass optimizer= and scheduler=, or install seqmem_shared.optim ({exc})"
-                           ) from exc
-    return getattr(optim, name)
+
+        return getattr(optim, name)
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(f"Trainer: seqmem_shared.optim.{name} is unavailable ({exc}); "
+                           "pass optimizer= and scheduler= explicitly") from exc
 
 
 class _DataSource:
@@ -328,11 +332,12 @@ class Trainer:
     def _default_optimizer(self) -> torch.optim.Optimizer:
         build_optimizer = _optim("build_optimizer")
         cfg = self.config
-        kwargs: dict[str, Any] = {"name": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
-        params = inspect.signature(build_optimizer).parameters.values()
-        if any(p.name == "betas" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            kwargs["betas"] = cfg.betas
-        return build_optimizer(self.raw_model, **kwargs)
+        kwargs = {"name": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": cfg.betas,
+                  **(cfg.optimizer_kwargs or {})}
+        try:
+            return build_optimizer(self.raw_model, **kwargs)
+        except TypeError as exc:  # an optimizer_kwargs key build_optimizer does not take
+            raise ValueError(f"TrainConfig.optimizer_kwargs: {exc}") from None
 
     def _default_scheduler(self) -> Any:
         cosine_with_warmup = _optim("cosine_with_warmup")
@@ -375,6 +380,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``config.max_steps`` (resuming if asked); returns the latest value of every metric."""
         cfg = self.config
+        self.should_stop = False
         if not self._maybe_resume():
             seed_everything(cfg.seed + self.dist.rank)
         self._call("on_fit_start", self)
@@ -403,6 +409,7 @@ class Trainer:
                 record: dict[str, Any] = {"step": self.step, "lr": self._lr()}
                 if (cfg.log_every and self.step % cfg.log_every == 0) or last:
                     record.update(self._log_values(window, clock))
+                overhead_start = time.perf_counter()  # eval, hooks and saving don't count as training time
                 eval_due = cfg.eval_every and self.step % cfg.eval_every == 0
                 if self.eval_fn is not None and (eval_due or last):
                     record.update(self._evaluate())
@@ -419,6 +426,7 @@ class Trainer:
                     if self._best_due:
                         self.save(self.out_dir / BEST_NAME)
                         self._best_due = False
+                clock["log"] += time.perf_counter() - overhead_start
         finally:
             bar.close()
             if metrics_file is not None:
