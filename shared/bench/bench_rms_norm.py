@@ -153,7 +153,7 @@ def tune(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -> d
         block_d = triton.next_power_of_2(d)
         fused = block_d <= kernels.MAX_FUSED_BLOCK
         tiles = [(r, block_d) for r in (1, 2, 4, 8, 16, 32) if 512 <= r * block_d <= 16384] if fused else \
-            [(1, bd) for bd in (1024, 2048, 4096, 8192)]
+            [(r, bd) for r in (1, 2, 4) for bd in (2048, 4096, 8192) if r * bd <= 16384]
         fwd = functools.partial(kernels.rms_norm_fwd, x, w, eps)
         bwd = functools.partial(kernels.rms_norm_bwd, dy, x, w, rstd, x.dtype)
         fwd_times, bwd_times = [], []
@@ -162,7 +162,9 @@ def tune(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -> d
                 if not 4 <= block_r * bd // (32 * warps) <= 64:  # elements per thread
                     continue
                 cfg = kernels.Config(block_r, bd, warps)
-                fwd_times.append((do_bench(functools.partial(fwd, config=cfg), return_mode="median"), cfg))
+                if fused or block_r == 1:  # the split forward takes one row per program
+                    ms = do_bench(functools.partial(fwd, config=cfg), return_mode="median")
+                    fwd_times.append((ms, cfg))
                 for pps in (1, 2, 4, 8):
                     cfg = kernels.Config(block_r, bd, warps, pps)
                     ms = do_bench(functools.partial(bwd, config=cfg), return_mode="median")
@@ -180,18 +182,61 @@ def tune(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -> d
     return out
 
 
+def profile(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -> dict:
+    """Host-side cost per call (a loop of calls, one sync at the end) and a cProfile of ours."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    out: dict = {"device": torch.cuda.get_device_name(), "rows": rows, "sizes": []}
+    for d in dims:
+        x = torch.randn(rows, d, device="cuda").to(dtype).requires_grad_()
+        w = torch.nn.Parameter((1 + 0.1 * torch.randn(d, device="cuda")).to(dtype))
+        dy = torch.randn(rows, d, device="cuda").to(dtype)
+        entry: dict = {"d": d}
+        for name, fn in _implementations(d, eps, w).items():
+            if isinstance(fn, str):
+                continue
+            for mode, call in (("fwd", functools.partial(_forward, fn, x, w)),
+                               ("fwd_bwd", functools.partial(_forward_backward, fn, x, w, dy))):
+                for _ in range(20):
+                    call()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(500):
+                    call()
+                torch.cuda.synchronize()
+                entry[f"{name}_{mode}_us_per_call"] = round((time.perf_counter() - t0) / 500 * 1e6, 1)
+                x.grad = w.grad = None
+        prof = cProfile.Profile()
+        ours = _implementations(d, eps, w)["seqmem_triton"]
+        prof.enable()
+        for _ in range(300):
+            _forward_backward(ours, x, w, dy)
+        prof.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        entry["cprofile_ours_fwd_bwd_300_calls"] = text.getvalue().splitlines()[:60]
+        out["sizes"].append(entry)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 4096, 16384])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--tune", action="store_true", help="sweep our kernels' launch configs instead")
+    parser.add_argument("--profile", action="store_true", help="host-side cost per call and a cProfile")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_rms_norm: needs a CUDA device")
     dtype = getattr(torch, args.dtype)
-    result = (tune if args.tune else bench)(args.rows, args.dims, dtype)
+    run = tune if args.tune else profile if args.profile else bench
+    result = run(args.rows, args.dims, dtype)
     text = json.dumps(result, indent=2)
     if args.out:
         from seqmem_shared.io import atomic_write_text

@@ -179,28 +179,40 @@ class Config:
     programs_per_sm: int = 1
 
 
-def _warps(elements: int, per_thread: int) -> int:
-    return max(1, min(32, elements // (32 * per_thread)))
+def _warps(tile: int) -> int:
+    """Warps for a tile of ``tile`` elements: 32 elements per thread, 2 to 16 warps."""
+    return max(2, min(16, tile // 1024))
 
 
+@functools.cache
 def fwd_config(d: int, max_block: int = MAX_FUSED_BLOCK) -> Config:
-    """Default forward launch shape for rows of width ``d``."""
+    """Default forward launch shape for rows of width ``d`` (tuned on an H100, bf16, 8192 rows)."""
     block_d = triton.next_power_of_2(d)
     if block_d > max_block:
         block_d = min(SPLIT_BLOCK, max_block)
-        return Config(1, block_d, _warps(block_d, 8))
-    block_r = max(1, min(16, 4096 // block_d))
-    return Config(block_r, block_d, _warps(block_r * block_d, 16))
-
-
-def bwd_config(d: int, max_block: int = MAX_FUSED_BLOCK) -> Config:
-    """Default backward launch shape for rows of width ``d``."""
-    block_d = triton.next_power_of_2(d)
-    if block_d > max_block:
-        block_d = min(SPLIT_BLOCK, max_block)
-        return Config(1, block_d, _warps(block_d, 16), 2)
+        return Config(1, block_d, _warps(block_d))
     block_r = max(1, min(16, 2048 // block_d))
-    return Config(block_r, block_d, _warps(block_r * block_d, 16), 2)
+    return Config(block_r, block_d, _warps(block_r * block_d))
+
+
+@functools.cache
+def bwd_config(d: int, max_block: int = MAX_FUSED_BLOCK) -> Config:
+    """Default backward launch shape for rows of width ``d`` (tuned on an H100, bf16, 8192 rows)."""
+    block_d = triton.next_power_of_2(d)
+    if block_d > max_block:
+        block_d = min(SPLIT_BLOCK, max_block)
+        return Config(4, block_d, _warps(4 * block_d), 2)
+    block_r = max(1, min(32, 16384 // block_d))
+    return Config(block_r, block_d, _warps(block_r * block_d), 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_grid(n_rows: int, d: int, cfg: Config, n_sms: int) -> tuple[int, int, int]:
+    """(row ranges, rows per range, column tiles) of the persistent backward grid."""
+    n_col_tiles = triton.cdiv(d, cfg.block_d)
+    n_progs = min(max(1, n_sms * cfg.programs_per_sm // n_col_tiles), triton.cdiv(n_rows, cfg.block_r))
+    rows_per_prog = triton.cdiv(triton.cdiv(n_rows, n_progs), cfg.block_r) * cfg.block_r
+    return triton.cdiv(n_rows, rows_per_prog), rows_per_prog, n_col_tiles
 
 
 @functools.cache
@@ -212,36 +224,42 @@ def _num_sms(t: Tensor) -> int:
     return _sm_count(t.device.index or 0) if t.is_cuda else 4  # interpreter: a few programs
 
 
-def _rows_view(t: Tensor, d: int) -> Tensor:
-    """``t`` as ``[rows, d]`` with a contiguous last dim (a view when possible)."""
+def _rows(t: Tensor, d: int) -> tuple[Tensor, int]:
+    """``t [..., d]`` as rows with unit column stride, and its row stride (no copy when possible)."""
+    if t.is_contiguous():
+        return t, d
     t2 = t.reshape(-1, d)
-    return t2 if t2.stride(1) == 1 else t2.contiguous()
+    if t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2, t2.stride(0)
 
 
 def rms_norm_fwd(
     x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None = None,
     config: Config | None = None, max_block: int = MAX_FUSED_BLOCK,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Forward on ``x [rows, d]`` (last dim contiguous): returns ``y [rows, d]``, ``h`` or None, ``rstd``."""
-    n_rows, d = x.shape
+    """Forward on ``x [..., d]``: returns ``y`` and ``h`` (None without residual), both contiguous in
+    x's shape, and ``rstd [rows]`` (float32)."""
+    d = x.shape[-1]
+    n_rows = x.numel() // d
+    x, stride_x = _rows(x, d)
     cfg = config or fwd_config(d, max_block)
-    y = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    h = None
+    h, res, stride_r = None, x, stride_x  # placeholders when unused
     if residual is not None:
-        h = torch.empty((n_rows, d), dtype=residual_dtype(x, residual), device=x.device)
+        res, stride_r = _rows(residual, d)
+        h = torch.empty(x.shape, dtype=residual_dtype(x, residual), device=x.device)
     if n_rows == 0:
         return y, h, rstd
-    res = residual if residual is not None else x  # placeholder pointers when unused
     args = (x, res, weight if weight is not None else x, y, h if h is not None else y, rstd)
     flags = dict(HAS_RES=residual is not None, HAS_W=weight is not None, num_warps=cfg.num_warps)
     if cfg.block_d >= d:
         _fwd_fused_kernel[(triton.cdiv(n_rows, cfg.block_r),)](
-            *args, n_rows, d, x.stride(0), res.stride(0), eps, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d,
-            **flags,
+            *args, n_rows, d, stride_x, stride_r, eps, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, **flags,
         )
     else:
-        _fwd_split_kernel[(n_rows,)](*args, d, x.stride(0), res.stride(0), eps, BLOCK_D=cfg.block_d, **flags)
+        _fwd_split_kernel[(n_rows,)](*args, d, stride_x, stride_r, eps, BLOCK_D=cfg.block_d, **flags)
     return y, h, rstd
 
 
@@ -250,44 +268,44 @@ def rms_norm_bwd(
     dh_out: Tensor | None = None, res_dtype: torch.dtype | None = None, compute_dx: bool = True,
     compute_dw: bool = True, config: Config | None = None, max_block: int = MAX_FUSED_BLOCK,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Backward on ``[rows, d]`` views (last dim contiguous): ``(dx, dweight, dresidual)``.
+    """Backward on ``[..., d]`` tensors: ``(dx, dweight, dresidual)``, dx and dresidual in dy's shape.
 
     ``h`` is the normalized input saved by the forward, ``dh_out`` the gradient of the returned new
     residual (if any) and ``res_dtype`` the residual's dtype (None without a residual). ``dx`` comes in
     ``x_dtype``; ``dresidual`` is the same tensor as ``dx`` when ``res_dtype == x_dtype``. Outputs not
     asked for are None.
     """
-    n_rows, d = h.shape
+    d = h.shape[-1]
+    n_rows = h.numel() // d
     dev = h.device
+    h, stride_h = _rows(h, d)
+    dy, stride_dy = _rows(dy, d)
     cfg = config or bwd_config(d, max_block)
     compute_dw = compute_dw and weight is not None
     split = cfg.block_d < d
     store_dres = compute_dx and res_dtype is not None and res_dtype != x_dtype
-    dx = torch.empty((n_rows, d), dtype=x_dtype, device=dev) if compute_dx else None
-    dres = torch.empty((n_rows, d), dtype=res_dtype, device=dev) if store_dres else dx
+    dx = torch.empty(dy.shape, dtype=x_dtype, device=dev) if compute_dx else None
+    dres = torch.empty(dy.shape, dtype=res_dtype, device=dev) if store_dres else dx
     if res_dtype is None:
         dres = None
     if n_rows == 0 or not (compute_dx or compute_dw):
         return dx, (torch.zeros_like(weight) if compute_dw else None), dres
     # A persistent grid: program (i, j) walks a contiguous range of rows (a multiple of block_r) in
     # column tile j, so each program writes one row of float32 dweight partials.
-    n_col_tiles = triton.cdiv(d, cfg.block_d)
-    n_progs = min(max(1, _num_sms(h) * cfg.programs_per_sm // n_col_tiles), triton.cdiv(n_rows, cfg.block_r))
-    rows_per_prog = triton.cdiv(triton.cdiv(n_rows, n_progs), cfg.block_r) * cfg.block_r
-    n_progs = triton.cdiv(n_rows, rows_per_prog)
+    n_progs, rows_per_prog, n_col_tiles = _bwd_grid(n_rows, d, cfg, _num_sms(h))
     dw_part = torch.empty((n_progs, d), dtype=torch.float32, device=dev) if compute_dw else None
     w = weight if weight is not None else h
     rowdot = rstd  # placeholder pointer when unused
     if split and compute_dx:
         rowdot = torch.empty(n_rows, dtype=torch.float32, device=dev)
         block = min(SPLIT_BLOCK, max_block)
-        _bwd_rowdot_kernel[(n_rows,)](h, w, dy, rstd, rowdot, d, h.stride(0), dy.stride(0),
-                                      BLOCK_D=block, HAS_W=weight is not None, num_warps=_warps(block, 16))
-    dho = dh_out if dh_out is not None else dy
+        _bwd_rowdot_kernel[(n_rows,)](h, w, dy, rstd, rowdot, d, stride_h, stride_dy,
+                                      BLOCK_D=block, HAS_W=weight is not None, num_warps=_warps(block))
+    dho, stride_dho = _rows(dh_out, d) if dh_out is not None else (dy, stride_dy)
     _bwd_kernel[(n_progs, n_col_tiles)](
         h, w, dy, dho, rstd, rowdot,
         dx if dx is not None else h, dres if store_dres else h, dw_part if compute_dw else rstd,
-        n_rows, d, rows_per_prog, h.stride(0), dy.stride(0), dho.stride(0),
+        n_rows, d, rows_per_prog, stride_h, stride_dy, stride_dho,
         BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, HAS_W=weight is not None, HAS_DHO=dh_out is not None,
         STORE_DRES=store_dres, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, SPLIT=split,
         num_warps=cfg.num_warps,
@@ -303,22 +321,17 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float,
                 max_block: int):
-        shape, d = x.shape, x.shape[-1]
-        x2 = _rows_view(x, d)
-        r2 = _rows_view(residual, d) if residual is not None else None
-        y, h, rstd = rms_norm_fwd(x2, weight, eps, r2, max_block=max_block)
-        ctx.save_for_backward(h if h is not None else x2, weight, rstd)
-        ctx.shape, ctx.max_block, ctx.x_dtype = shape, max_block, x.dtype
+        y, h, rstd = rms_norm_fwd(x, weight, eps, residual, max_block=max_block)
+        ctx.save_for_backward(h if h is not None else x, weight, rstd)
+        ctx.shape, ctx.max_block, ctx.x_dtype = x.shape, max_block, x.dtype
         ctx.res_dtype = residual.dtype if residual is not None else None
         ctx.set_materialize_grads(False)  # an unused output gets no gradient tensor
-        if h is None:
-            return y.view(shape)
-        return y.view(shape), h.view(shape)
+        y = y.view(x.shape)
+        return y if h is None else (y, h.view(x.shape))
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dh_out: Tensor | None = None):
         h, weight, rstd = ctx.saved_tensors
-        shape, d = ctx.shape, ctx.shape[-1]
         need_x, need_w, need_r = ctx.needs_input_grad[:3]
         if dy is None:  # y unused: only the new residual carries a gradient
             if dh_out is None:
@@ -326,12 +339,11 @@ class RMSNormFunction(torch.autograd.Function):
             return (dh_out.to(ctx.x_dtype) if need_x else None, None,
                     dh_out.to(ctx.res_dtype) if need_r else None, None, None)
         dx, dw, dres = rms_norm_bwd(
-            _rows_view(dy, d), h, weight, rstd, ctx.x_dtype,
-            _rows_view(dh_out, d) if dh_out is not None else None, ctx.res_dtype,
+            dy, h, weight, rstd, ctx.x_dtype, dh_out, ctx.res_dtype,
             compute_dx=need_x or need_r, compute_dw=need_w, max_block=ctx.max_block,
         )
-        dx = dx.view(shape) if need_x else None
-        dres = dres.view(shape) if need_r else None
+        dx = dx.view(ctx.shape) if need_x else None
+        dres = dres.view(ctx.shape) if need_r else None
         return dx, dw, dres, None, None
 
 
