@@ -1,5 +1,6 @@
 """Titans neural memory and the Memory-as-Context transformer (drop-in for titans-pytorch 0.5.x)."""
 
+from titans_pytorch.mac_transformer import MemoryAsContextTransformer
 from titans_pytorch.memory_models import (
     FactorizedMemoryMLP,
     GatedResidualMemoryMLP,
@@ -12,6 +13,7 @@ from titans_pytorch.neural_memory import NeuralMemory, NeuralMemState, mem_state
 __all__ = [
     "FactorizedMemoryMLP",
     "GatedResidualMemoryMLP",
+    "MemoryAsContextTransformer",
     "MemoryAttention",
     "MemoryMLP",
     "MemorySwiGluMLP",

@@ -264,7 +264,8 @@ class NeuralMemory(nn.Module):
             )
         if mem_model_norm_add_residual:
             model = ResidualNorm(dim=dim_head, model=model)
-        self.memory_model = model
+        # the module is only a template for functional calls: its own tensors never train
+        self.memory_model = model.requires_grad_(False)
         named = dict(model.named_parameters())
         self.memory_model_parameter_names = list(named)
         self.num_memory_parameter_tensors = len(named)
@@ -388,6 +389,7 @@ class NeuralMemory(nn.Module):
         store_mask: Tensor | None = None,
         return_surprises: bool = False,
         ttt_batch_size: int | None = None,
+        prev_weights_first_row: int = 0,
     ):
         multi = self.qkv_receives_diff_views
         if seq.ndim == 2 or (multi and seq.ndim == 3):
@@ -460,13 +462,21 @@ class NeuralMemory(nn.Module):
             mask = store_mask[:, offset : offset + n_chunks * c] if store_mask is not None else None
             offset += size
             segment, last_update, last_momentum, surprises = self._store(
-                stored, weights, last_update, last_momentum, seq_index, prev_weights, mask, use_dual
+                stored,
+                weights,
+                last_update,
+                last_momentum,
+                seq_index,
+                prev_weights,
+                mask,
+                use_dual,
+                prev_weights_first_row,
             )
             segments.append(segment)
             losses.append(surprises[0])
             lrs.append(surprises[1])
             seq_index += n_chunks * c
-            if batch_size is not None and seq_index % batch_size == 0 and n_chunks > 0:
+            if batch_size is not None and seq_index % batch_size == 0 and n_chunks > 0:  # batch complete
                 if gate is not None:
                     # the gated weights replace the boundary row: a chunk-less segment that wins the tie
                     last_update = {k: torch.lerp(weights[k], last_update[k], gate) for k in weights}
@@ -546,9 +556,20 @@ class NeuralMemory(nn.Module):
             self.scan_backend,
         )
 
-    def _store(self, seq, weights, last_update, last_momentum, seq_index, prev_weights, mask, use_dual):
+    def _store(
+        self,
+        seq,
+        weights,
+        last_update,
+        last_momentum,
+        seq_index,
+        prev_weights,
+        mask,
+        use_dual,
+        prev_first_row=0,
+    ):
         first_row = seq_index // self.store_chunk_size
-        hp = self._store_hparams(seq, mask, prev_weights, first_row)
+        hp = self._store_hparams(seq, mask, prev_weights, first_row - prev_first_row)
         if use_dual:
             return self._store_dual(hp, weights, last_update, last_momentum, first_row)
         return self._store_reference(hp, weights, last_update, last_momentum, first_row)
