@@ -8,6 +8,8 @@ Keys: ``model.embeddings.weight``, ``model.layers.{l}.{attn_norm,mlp_norm}.weigh
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +148,7 @@ class RetNetForCausalLM(nn.Module):
         ``model.safetensors.index.json``)."""
         path = Path(path)
         config = RetNetConfig.from_pretrained(path)
-        with torch.device("meta"):
+        with torch.device("meta"), _skip_init():
             model = cls(config)
         state = load_safetensors_dir(path)
         if config.tie_word_embeddings:
@@ -157,11 +159,6 @@ class RetNetForCausalLM(nn.Module):
                              f"{missing[:5]}, unexpected keys {unexpected[:5]}")
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embeddings.weight
-        for name, buf in model.named_buffers():  # non-persistent buffers (rotary frequencies) are rebuilt
-            if buf.is_meta:
-                mod, _, attr = name.rpartition(".")
-                owner = model.get_submodule(mod)
-                setattr(owner, attr, type(owner)(owner.dim, owner.base).inv_freq)
         return model.to(device=device, dtype=dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -176,6 +173,20 @@ class RetNetForCausalLM(nn.Module):
         atomic_write(path / "model.safetensors",
                      lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         return path
+
+
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """Make ``torch.nn.init`` fills no-ops while building a model whose weights get loaded anyway."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
