@@ -335,6 +335,14 @@ def test_metrics_jsonl_and_fit_result(tmp_path):
     assert (tmp_path / "checkpoint.pt").is_file()  # final checkpoint even with save_every=0
 
 
+def test_progress_bar_and_eval_lines(tmp_path, capsys):
+    make_trainer(tmp_path, max_steps=4, log_every=2, eval_every=2, progress=True,
+                 eval_fn=lambda m: {"loss": 0.5}).fit()
+    out, err = capsys.readouterr()
+    assert "train" in err and "4/4" in err and "loss=" in err and "lr=" in err  # tqdm bar with postfix
+    assert "step 2: eval_loss=0.5" in out and "step 4: eval_loss=0.5" in out  # tqdm.write, above the bar
+
+
 def test_loss_is_logged_as_window_mean(tmp_path):
     seen = []
 
@@ -655,6 +663,27 @@ def test_compile_flag_wraps_model(tmp_path, monkeypatch):
     trainer.fit()
 
 
+# ---------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_and_exact_resume(tmp_path):
+    def cuda_trainer(out_dir, **kw):
+        return make_trainer(out_dir, model=TinyNet(seed=kw.pop("seed", 0)).cuda(), data=GeneratorSource(),
+                            max_steps=8, save_every=4, **kw)
+
+    straight = cuda_trainer(tmp_path / "a")
+    assert straight.autocast_dtype is torch.bfloat16  # precision="auto" on a bf16-capable GPU
+    result = straight.fit()
+    assert math.isfinite(result["loss"]) and result["grad_norm"] > 0
+    with pytest.raises(RuntimeError):
+        cuda_trainer(tmp_path / "b", callbacks=[CrashAt(6)]).fit()
+    resumed = cuda_trainer(tmp_path / "b", seed=9)
+    resumed.fit()  # CUDA RNG (dropout) restored from the checkpoint
+    for (name, p), q in zip(straight.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6, msg=name)
+
+
 # ---------------------------------------------------------------------------------------- DDP
 
 DDP_JOB = textwrap.dedent(
@@ -675,21 +704,21 @@ DDP_JOB = textwrap.dedent(
         return F.cross_entropy(logits.flatten(0, 1), batch["y"].flatten())
 
     def evaluate(model):
-        batch = data(10**6)
+        batch = {k: v.to(next(model.parameters()).device) for k, v in data(10**6).items()}
         return {"loss": loss_fn(model, batch).item()}
 
-    def run(out_dir, accum):
+    def run(out_dir, accum, device=None):
         info = init_distributed()
         torch.manual_seed(0)
         model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 16))
-        model = model.to(info.device)
+        model = model.to(device or info.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 10)
         cfg = TrainConfig(max_steps=6, grad_accum_steps=accum, log_every=2, save_every=3, eval_every=3,
                           out_dir=out_dir, progress=False, precision="fp32")
         trainer = Trainer(model, cfg, loss_fn, data, eval_fn=evaluate, optimizer=opt, scheduler=sched)
         result = trainer.fit()
-        out = {"weights": trainer.raw_model.state_dict(), "result": result}
+        out = {"weights": {k: v.cpu() for k, v in trainer.raw_model.state_dict().items()}, "result": result}
         torch.save(out, f"{out_dir}/rank{get_rank()}.pt")
         cleanup()
 
@@ -705,38 +734,49 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
-    """Two gloo ranks launched the way torchrun does (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* env)."""
+def _check_ddp_matches_single_process(tmp_path: Path, env_extra: dict[str, str], single_device: str | None,
+                                      atol: float) -> None:
+    """Two ranks launched the way torchrun does (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* env) vs one process
+    with 2 micro-batches (the same global batch and batch indices)."""
     job = tmp_path / "ddp_job.py"
     job.write_text(DDP_JOB)
-    ddp_dir = tmp_path / "ddp"
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, str(job), str(ddp_dir), "1"], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in (0, 1)]
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **env_extra}
+    runs = [[str(ddp_dir), "1", {"RANK": str(r), "LOCAL_RANK": str(r)}] for r in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, str(job), out_dir, accum], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**env, **rank_env})
+             for out_dir, accum, rank_env in runs]
     for proc in procs:
-        out, _ = proc.communicate(timeout=180)
+        out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
-
     spec = importlib.util.spec_from_file_location("ddp_job", job)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    single_dir = tmp_path / "single"
-    module.run(str(single_dir), 2)  # one process, 2 micro-batches: the same global batch and indices
+    module.run(str(single_dir), 2, single_device)  # in this (non-distributed) process
 
     r0, r1 = (torch.load(ddp_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     single = torch.load(single_dir / "rank0.pt", weights_only=True)
     for k, v in r0["weights"].items():
         assert torch.equal(v, r1["weights"][k]), k  # DDP keeps the ranks in lockstep
-        torch.testing.assert_close(v, single["weights"][k], atol=1e-5, rtol=1e-5, msg=k)
+        torch.testing.assert_close(v, single["weights"][k], atol=atol, rtol=atol, msg=k)
     r0["result"].pop("elapsed_s"), r1["result"].pop("elapsed_s")
     assert r0["result"] == r1["result"]  # eval on rank 0 is broadcast; losses are all-reduced
-    assert r0["result"]["loss"] == pytest.approx(single["result"]["loss"], rel=1e-5)
-    assert r0["result"]["eval_loss"] == pytest.approx(single["result"]["eval_loss"], rel=1e-5)
-    ddp_lines = read_metrics(ddp_dir)
-    assert [r["step"] for r in ddp_lines] == [2, 3, 4, 6]  # written once, by rank 0
+    assert r0["result"]["loss"] == pytest.approx(single["result"]["loss"], rel=atol)
+    assert r0["result"]["eval_loss"] == pytest.approx(single["result"]["eval_loss"], rel=atol)
+    assert [r["step"] for r in read_metrics(ddp_dir)] == [2, 3, 4, 6]  # written once, by rank 0
     ckpt = torch.load(ddp_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6 and len(ckpt["rng"]) == 2 and ckpt["extra"]["trainer"]["consumed"] == [6, 6]
+    assert ckpt["extra"]["trainer"]["world_size"] == 2
     for k, v in ckpt["model"].items():
-        assert torch.equal(v, r0["weights"][k]), k
+        assert torch.equal(v.cpu(), r0["weights"][k]), k
+
+
+def test_ddp_two_cpu_processes_match_single_process(tmp_path):
+    _check_ddp_matches_single_process(tmp_path, {"CUDA_VISIBLE_DEVICES": ""}, "cpu", atol=1e-5)  # gloo
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_ddp_two_gpus_nccl_match_single_process(tmp_path):
+    _check_ddp_matches_single_process(tmp_path, {}, None, atol=1e-4)  # nccl, cuda:0 and cuda:1
