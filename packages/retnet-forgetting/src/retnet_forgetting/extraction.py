@@ -15,6 +15,7 @@ TransformerLens-style names: ``blocks.{l}.attn.hook_state``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from retnet_forgetting.ops.retention import DEFAULT_CHUNK_SIZE, chunk_states, re
 from retnet_forgetting.padding import gather_rows, right_align_index
 from retnet_forgetting.reference.layers import retention_output, retention_qkv
 
-StateSink = Callable[[int, torch.Tensor, torch.Tensor], None]
+StateSink = Callable[..., None]
 """``sink(layer, positions [B, n], states [B, n, ...])`` receives streamed states."""
 
 
@@ -133,6 +134,28 @@ class RetNetStateExtractor:
             cache = {name: s[:, 0] for name, s in cache.items()}
         return logits, cache
 
+    @torch.inference_mode()
+    def extract_readouts(self, input_ids: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None, layers: Iterable[int] | None = None,
+                         return_states: bool = False) -> Any:
+        """Training-free readout ``r = kbar^T S_t``: the state at each of ``positions [B, K]`` queried with
+        the mean of the model's own (rotated) keys at ``key_positions [B, J]`` (e.g. the name tokens of
+        the query; ``-1`` entries are ignored): ``{layer: [B, K, H, Dv]}`` fp32, and the states
+        ``{layer: [B, K, H, Dk, Dv]}`` of the same pass when ``return_states``."""
+        out: dict[int, list[torch.Tensor]] = {}
+        states_out: dict[int, list[torch.Tensor]] = {}
+
+        def keep(layer: int, _pos: torch.Tensor, states: torch.Tensor, kbar: torch.Tensor) -> None:
+            out.setdefault(layer, []).append(torch.einsum("bhk,bnhkv->bnhv", kbar, states.float()))
+            if return_states:
+                states_out.setdefault(layer, []).append(states)
+
+        self._run(input_ids, attention_mask, positions, layers, keep, key_positions=key_positions)
+        readouts = {layer: torch.cat(p, dim=1) for layer, p in out.items()}
+        if return_states:
+            return readouts, {layer: torch.cat(p, dim=1) for layer, p in states_out.items()}
+        return readouts
+
     @torch.no_grad()
     def extract_states_incremental(self, input_ids: torch.Tensor, positions: Iterable[int] | None = None,
                                    layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
@@ -181,8 +204,9 @@ class RetNetStateExtractor:
 
     def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
              positions: torch.Tensor | list[int], layers: Iterable[int] | None, emit: StateSink,
-             logits: bool = False) -> torch.Tensor | None:
-        """One layer-by-layer pass; ``emit(layer, positions, states)`` per block of positions."""
+             logits: bool = False, key_positions: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One layer-by-layer pass; ``emit(layer, positions, states)`` per block of positions (with the
+        mean key at ``key_positions`` as a 4th argument when given)."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         B, T = input_ids.shape
         layers = self._layers(layers)
@@ -195,12 +219,18 @@ class RetNetStateExtractor:
             raise ValueError(f"positions: expected columns in [0, {T - 1}], "
                              f"got {int(positions.min())}..{int(positions.max())}")
         given = positions
+        if key_positions is not None:
+            key_positions = torch.as_tensor(key_positions, dtype=torch.long).cpu()
         index = None
         if attention_mask is not None:
             if not bool(attention_mask.gather(1, positions).all()):
                 raise ValueError("positions: some requested positions are padding (attention_mask == 0)")
             index, _ = right_align_index(attention_mask)
-            positions = (attention_mask.cumsum(1) - 1).gather(1, positions)  # column after right-alignment
+            columns = attention_mask.cumsum(1) - 1  # column of each real token after right-alignment
+            positions = columns.gather(1, positions)
+            if key_positions is not None:
+                mapped = columns.gather(1, key_positions.clamp_min(0))
+                key_positions = torch.where(key_positions >= 0, mapped, -1)
             input_ids = gather_rows(input_ids, index.to(input_ids.device))
         device = self._device()
         input_ids, positions = input_ids.to(device), positions.to(device)
@@ -211,11 +241,12 @@ class RetNetStateExtractor:
             normed = layer.attn_norm(x)
             q, k, v = retention_qkv(layer.attn, normed)
             if layer_idx in layers:
+                extra = () if key_positions is None else (_mean_key(k, key_positions.to(device)),)
                 h = chunk_states(k, v, self.chunk_size, backend=self.backend)
                 for start in range(0, positions.shape[1], self.position_block):
                     sl = slice(start, start + self.position_block)
                     s = states_at_positions(k, v, positions[:, sl], h=h, chunk_size=self.chunk_size)
-                    emit(layer_idx, given[:, sl], s.to(self.state_dtype))
+                    emit(layer_idx, given[:, sl], s.to(self.state_dtype), *extra)
                 del h
             o, _ = retention(q, k, v, mode="chunk", backend=self.backend)
             x = x + retention_output(layer.attn, o, normed)
@@ -229,6 +260,13 @@ class RetNetStateExtractor:
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def _mean_key(k: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """Mean of ``k [B, T, H, Dk]`` over ``key_positions [B, J]`` (``-1`` = none): ``[B, H, Dk]`` fp32."""
+    valid = (key_positions >= 0).float()
+    picked = k[torch.arange(k.shape[0], device=k.device)[:, None], key_positions.clamp_min(0)].float()
+    return torch.einsum("bjhk,bj->bhk", picked, valid) / valid.sum(1).clamp_min(1)[:, None, None]
 
 
 def _last_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""Command line: ``retnet-forgetting run --config X.yaml`` and ``retnet-forgetting train-tiny``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="retnet-forgetting", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="dataset -> state extraction -> probes -> analysis (resumable)")
+    run.add_argument("--config", required=True, help="YAML file (see configs/quick.yaml)")
+    run.add_argument("--out-dir", help="override out_dir of the config")
+    tiny = sub.add_parser("train-tiny", help="train a small RetNet on recall data plus filler")
+    tiny.add_argument("--config", help="YAML file with a train_tiny section (see configs/train_tiny.yaml)")
+    tiny.add_argument("--out-dir", help="override out_dir")
+    tiny.add_argument("--max-steps", type=int, help="override train.max_steps")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.command == "run":
+        from retnet_forgetting.pipeline import load_config
+        from retnet_forgetting.pipeline import run as run_pipeline
+
+        cfg = load_config(args.config)
+        if args.out_dir:
+            cfg["out_dir"] = args.out_dir
+        print(run_pipeline(cfg))
+        return 0
+    from retnet_forgetting.train import load_train_config, train_tiny
+
+    cfg = load_train_config(args.config)
+    if args.out_dir:
+        cfg["out_dir"] = args.out_dir
+    if args.max_steps:
+        cfg["train"]["max_steps"] = args.max_steps
+    print(train_tiny(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: the associative-recall generator (``recall``)."""

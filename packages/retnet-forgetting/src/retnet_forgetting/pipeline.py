@@ -1,0 +1,216 @@
+"""``retnet-forgetting run``: dataset -> state extraction -> probes -> analysis, with progress and resume.
+
+Every stage writes into ``out_dir`` and is skipped when its output exists (the state store resumes
+shard by shard). See ``configs/quick.yaml`` for every option.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from seqmem_shared.io import atomic_write, atomic_write_json
+
+from retnet_forgetting.analysis import accuracy_by_lag, half_life_table, plot_curves, write_report
+from retnet_forgetting.data.recall import RecallConfig, generate_recall_dataset
+from retnet_forgetting.extraction import RetNetStateExtractor
+from retnet_forgetting.loading import get_model_config, load_retnet_model
+from retnet_forgetting.probes import fit_logistic, fit_ridge, nearest_centroid
+from retnet_forgetting.reductions import StateReduction, derotate_states
+from retnet_forgetting.reference import RetNetConfig
+from retnet_forgetting.store import StateStore, estimate_bytes
+
+log = logging.getLogger("seqmem.retnet")
+
+DEFAULTS: dict[str, Any] = {
+    "out_dir": "runs/retnet-forgetting",
+    "tokenizer": "gpt2",
+    "model": {"name_or_path": None, "config": None, "dtype": "bfloat16", "implementation": "auto",
+              "device": None},
+    "dataset": {},
+    "extraction": {"batch_size": 8, "layers": None, "derotate": True, "shard_rows": 256, "dtype": "float16",
+                   "readout": True, "reduction": {"kind": "bilinear", "rank_k": 16, "rank_v": 16}},
+    "probes": {"kinds": ["ridge", "logistic"], "groups": ["head", "layer"],
+               "logistic": {"max_steps": 300, "lr": 1e-2, "weight_decay": 1e-3}},
+}
+
+
+def merge_config(user: dict[str, Any]) -> dict[str, Any]:
+    """``DEFAULTS`` updated by ``user`` (nested dicts merged); unknown top-level keys are an error."""
+    unknown = set(user) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected some of {sorted(DEFAULTS)}")
+    cfg = copy.deepcopy(DEFAULTS)
+    for k, v in user.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(cfg[k], dict) and isinstance(v, dict) else v
+    return cfg
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config {path}: no such file")
+    return merge_config(yaml.safe_load(path.read_text()) or {})
+
+
+def run(cfg: dict[str, Any]) -> Path:
+    """Run every stage; returns the report path."""
+    cfg = merge_config(cfg) if set(cfg) != set(DEFAULTS) else cfg
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", cfg)
+    from seqmem_shared.tokenization import get_tokenizer
+
+    tokenizer = get_tokenizer(cfg["tokenizer"])
+    df = build_dataset(cfg, tokenizer, out)
+    model = build_model(cfg, tokenizer)
+    store = extract(cfg, model, df, out / "states")
+    curves = probe(cfg, store, df, model)
+    atomic_write(out / "curves.csv", lambda p: curves.to_csv(p, index=False))
+    info = get_model_config(model)
+    chance = 1.0 / len(df.attrs.get("values") or sorted(df["fact_value"].unique()))
+    half = half_life_table(curves, chance, info["num_heads"])
+    atomic_write(out / "half_lives.csv", lambda p: half.to_csv(p, index=False))
+    plots = plot_curves(curves, out, chance, info["num_heads"])
+    setup = {"model": cfg["model"]["name_or_path"] or "random init from config",
+             "layers x heads": f"{info['num_layers']} x {info['num_heads']}",
+             "state per head": f"{info['head_k_dim']} x {info['head_v_dim']}",
+             "sequences": len(df), "lags": sorted(df["target_lag"].unique().tolist()),
+             "filler": cfg["dataset"].get("filler", "prose"), "chance": round(chance, 3),
+             "reduction": cfg["extraction"]["reduction"], "de-rotated": cfg["extraction"]["derotate"]}
+    return write_report(out, curves, half, setup, plots)
+
+
+def build_dataset(cfg: dict[str, Any], tokenizer: Any, out: Path):
+    import pandas as pd
+
+    path = out / "dataset.parquet"
+    if path.exists():
+        df = pd.read_parquet(path)
+        df.attrs["values"] = sorted(df["fact_value"].unique().tolist())
+        return df
+    df = generate_recall_dataset(RecallConfig(**cfg["dataset"]), tokenizer)
+    df["input_text"] = [tokenizer.decode(list(ids)) for ids in df["input_ids"]]
+    values = df.attrs["values"]
+    df.attrs = {}  # parquet metadata stays plain
+    atomic_write(path, lambda p: df.to_parquet(p, index=False))
+    df.attrs["values"] = values
+    return df
+
+
+def build_model(cfg: dict[str, Any], tokenizer: Any) -> torch.nn.Module:
+    m = cfg["model"]
+    dtype = getattr(torch, m["dtype"])
+    source = m["name_or_path"]
+    if source is None:
+        if not m["config"]:
+            raise ValueError("model: give name_or_path (hub name or checkpoint dir) or config (random init)")
+        source = RetNetConfig(**m["config"])
+        if source.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"model.config.vocab_size={source.vocab_size}: expected >= the tokenizer's "
+                             f"{tokenizer.vocab_size}")
+    torch.manual_seed(0)
+    model, _ = load_retnet_model(source, device=m["device"], dtype=dtype, implementation=m["implementation"],
+                                 tokenizer=False)
+    return model
+
+
+def extract(cfg: dict[str, Any], model: torch.nn.Module, df, root: Path) -> StateStore:
+    """States at each row's fact and query positions (reduced, optionally de-rotated) and the readout."""
+    from tqdm.auto import tqdm
+
+    e = cfg["extraction"]
+    info = get_model_config(model)
+    layers = list(range(info["num_layers"])) if e["layers"] is None else list(e["layers"])
+    reduction = StateReduction(**e["reduction"])
+    H, Dk, Dv = info["state_shape"]
+    feat = (H, reduction.features(Dk, Dv))
+    records = {"fact": feat, "query": feat}
+    if e["readout"]:
+        records["readout"] = (H, Dv)
+    dtype = getattr(torch, e["dtype"])
+    size = estimate_bytes(len(df), 2, len(layers), H, feat[1], dtype) + (
+        estimate_bytes(len(df), 1, len(layers), H, Dv, dtype) if e["readout"] else 0)
+    log.info("state store: %d rows x %d layers, about %.1f MB", len(df), len(layers), size / 2**20)
+    store = StateStore(root)
+    store.create(len(df), e["shard_rows"], layers, records, dtype,
+                 meta={"reduction": reduction.to_dict(), "derotate": e["derotate"]})
+    extractor = RetNetStateExtractor(model, state_dtype=torch.float32)
+    pad = 0
+    for shard in tqdm(store.pending(), desc="extract", disable=not store.pending()):
+        parts: dict[str, list[torch.Tensor]] = {f"{r}.layer_{layer}": [] for r in records for layer in layers}
+        for start in range(shard["start"], shard["stop"], e["batch_size"]):
+            rows = df.iloc[start:min(start + e["batch_size"], shard["stop"])]
+            T = max(len(x) for x in rows["input_ids"])
+            ids = torch.full((len(rows), T), pad, dtype=torch.long)
+            mask = torch.zeros(len(rows), T, dtype=torch.long)
+            for i, x in enumerate(rows["input_ids"]):
+                ids[i, :len(x)] = torch.as_tensor(list(x))
+                mask[i, :len(x)] = 1
+            positions = torch.tensor(rows[["fact_position", "query_position"]].to_numpy(), dtype=torch.long)
+            if e["readout"]:
+                J = max(len(x) for x in rows["name_positions"])
+                keys = torch.full((len(rows), J), -1, dtype=torch.long)
+                for i, x in enumerate(rows["name_positions"]):
+                    keys[i, :len(x)] = torch.as_tensor(list(x))
+                readouts, states = extractor.extract_readouts(ids, positions, keys, mask, layers,
+                                                              return_states=True)
+                for layer in layers:
+                    parts[f"readout.layer_{layer}"].append(readouts[layer][:, 1].cpu())  # at the query
+            else:
+                states = extractor.extract_states_at_positions(ids, positions, mask, layers)
+            for layer, s in states.items():
+                if e["derotate"]:
+                    s = derotate_states(s, positions.to(s.device))
+                s = reduction(s)
+                parts[f"fact.layer_{layer}"].append(s[:, 0].cpu())
+                parts[f"query.layer_{layer}"].append(s[:, 1].cpu())
+        store.write_shard(shard, {k: torch.cat(v) for k, v in parts.items()})
+    return store
+
+
+def probe(cfg: dict[str, Any], store: StateStore, df, model: torch.nn.Module):
+    """Probe accuracy per lag for every (layer, head) and every layer, on the held-out-name test split."""
+    import pandas as pd
+
+    p = cfg["probes"]
+    device = next(model.parameters()).device
+    y = torch.tensor(df["value_label"].to_numpy())
+    lags = torch.tensor(df["target_lag"].to_numpy())
+    split = df["split"].to_numpy()
+    tr, va, te = (torch.as_tensor(split == s) for s in ("train", "val", "test"))
+    C = int(y.max()) + 1
+    layers = store.manifest["layers"]
+    query = store.load("query")
+    X = torch.stack([query[layer] for layer in layers], dim=0).to(device)  # [L, N, H, F]
+    L, N, H, F = X.shape
+    frames = []
+    for group in p["groups"]:
+        if group == "head":
+            Xg = X.permute(0, 2, 1, 3).reshape(L * H, N, F)
+            descs = [{"layer": layer, "head": h} for layer in layers for h in range(H)]
+        elif group == "layer":
+            Xg = X.reshape(L, N, H * F)
+            descs = [{"layer": layer, "head": -1} for layer in layers]
+        else:
+            raise ValueError(f"probes.groups: {group!r} is not one of 'head', 'layer'")
+        for kind in p["kinds"]:
+            if kind == "ridge":
+                pr = fit_ridge(Xg[:, tr], y[tr], Xg[:, va], y[va], C)
+            elif kind == "logistic":
+                pr = fit_logistic(Xg[:, tr], y[tr], Xg[:, va], y[va], C, **p["logistic"])
+            else:
+                raise ValueError(f"probes.kinds: {kind!r} is not one of 'ridge', 'logistic'")
+            frames.append(accuracy_by_lag(pr.predict(Xg[:, te]), y[te], lags[te], descs, f"{kind}_{group}"))
+    if "readout" in store.manifest["records"]:
+        R = store.load("readout")
+        Rg = torch.stack([R[layer] for layer in layers]).permute(0, 2, 1, 3).reshape(L * H, N, -1)
+        pred = nearest_centroid(Rg[:, tr], y[tr], Rg[:, te], C)
+        descs = [{"layer": layer, "head": h} for layer in layers for h in range(H)]
+        frames.append(accuracy_by_lag(pred, y[te], lags[te], descs, "readout_head"))
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,103 @@
+"""A sharded, memory-mappable, resumable store of (reduced) states: safetensors shards + a JSON manifest.
+
+Layout of ``root/``: ``manifest.json`` (layers, records with their feature shapes, dtype, shard row
+ranges and which are done) and ``shard_{i:05d}.safetensors`` holding, for rows ``[start, stop)`` of
+the dataset, ``"{record}.layer_{l}"`` tensors ``[rows, *shape]`` plus ``"row"`` (the row indices). A
+shard is written atomically and then marked done, so an interrupted run resumes with the first
+unfinished shard. ``load`` memory-maps the shards (safetensors) and concatenates what is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from seqmem_shared.io import atomic_write, atomic_write_json
+
+
+def estimate_bytes(num_rows: int, records: int, layers: int, heads: int, features: int,
+                   dtype: torch.dtype = torch.float16) -> int:
+    """Bytes a store will take: ``rows * records * layers * heads * features * itemsize``."""
+    return num_rows * records * layers * heads * features * torch.empty(0, dtype=dtype).element_size()
+
+
+class StateStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.json"
+        self.manifest: dict[str, Any] | None = (json.loads(self.manifest_path.read_text())
+                                                if self.manifest_path.exists() else None)
+
+    def create(self, num_rows: int, shard_rows: int, layers: Iterable[int],
+               records: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float16,
+               meta: dict[str, Any] | None = None) -> None:
+        """Start a store, or check that an existing one was made with the same layout (resume)."""
+        spec = {"num_rows": num_rows, "shard_rows": shard_rows, "layers": sorted(int(x) for x in layers),
+                "records": {name: list(shape) for name, shape in records.items()},
+                "dtype": str(dtype).removeprefix("torch."), "meta": meta or {}}
+        if self.manifest is not None:
+            old = {k: self.manifest[k] for k in spec}
+            if json.loads(json.dumps(old)) != json.loads(json.dumps(spec, default=str)):
+                diff = [k for k in spec
+                        if json.dumps(old[k], default=str) != json.dumps(spec[k], default=str)]
+                raise ValueError(f"{self.root}: existing store differs in {diff}; use a new directory")
+            return
+        shards = [{"file": f"shard_{i:05d}.safetensors", "start": s, "stop": min(s + shard_rows, num_rows),
+                   "done": False} for i, s in enumerate(range(0, num_rows, shard_rows))]
+        self.manifest = {**spec, "shards": shards}
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        atomic_write_json(self.manifest_path, self.manifest)
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Shards still to write (each ``{"file", "start", "stop", "done"}``)."""
+        self._require()
+        return [s for s in self.manifest["shards"] if not s["done"]]
+
+    def write_shard(self, shard: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Write ``{"{record}.layer_{l}": [rows, ...]}`` for ``shard``'s rows, then mark it done."""
+        from safetensors.torch import save_file
+
+        self._require()
+        rows = shard["stop"] - shard["start"]
+        dtype = getattr(torch, self.manifest["dtype"])
+        m = self.manifest
+        expected = {f"{r}.layer_{layer}": shape for r, shape in m["records"].items() for layer in m["layers"]}
+        if set(tensors) != set(expected):
+            raise ValueError(f"shard tensors: expected keys {sorted(expected)}, got {sorted(tensors)}")
+        out = {}
+        for k, v in tensors.items():
+            want = (rows, *expected[k])
+            if tuple(v.shape) != want:
+                raise ValueError(f"{k}: expected shape {want}, got {tuple(v.shape)}")
+            out[k] = v.detach().to("cpu", dtype).contiguous()
+        out["row"] = torch.arange(shard["start"], shard["stop"])
+        atomic_write(self.root / shard["file"], lambda p: save_file(out, str(p)))
+        for s in self.manifest["shards"]:
+            if s["file"] == shard["file"]:
+                s["done"] = True
+        self._save_manifest()
+
+    def load(self, record: str, layers: Iterable[int] | None = None, dtype: torch.dtype = torch.float32,
+             ) -> dict[int, torch.Tensor]:
+        """``{layer: [num_rows, ...]}`` for ``record``, from the (memory-mapped) finished shards."""
+        from safetensors import safe_open
+
+        self._require()
+        if self.pending():
+            raise RuntimeError(f"{self.root}: {len(self.pending())} shards unfinished; run extraction again")
+        layers = self.manifest["layers"] if layers is None else list(layers)
+        parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        for shard in self.manifest["shards"]:
+            with safe_open(str(self.root / shard["file"]), framework="pt") as f:
+                for layer in layers:
+                    parts[layer].append(f.get_tensor(f"{record}.layer_{layer}").to(dtype))
+        return {layer: torch.cat(p) for layer, p in parts.items()}
+
+    def _require(self) -> None:
+        if self.manifest is None:
+            raise FileNotFoundError(f"{self.root}: no manifest.json (create the store first)")
