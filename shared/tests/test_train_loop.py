@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from seqmem_shared.train import (
-    Batches,
     Callback,
     CheckpointError,
     TrainConfig,
@@ -129,6 +128,16 @@ def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
+def nested_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(nested_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(nested_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 class CrashAt(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -193,57 +202,34 @@ def test_resume_iterable_by_skipping(tmp_path, caplog):
     assert_same_weights(straight.raw_model, resumed.raw_model)
 
 
-class Stream:
-    """A re-iterable stream of 30 examples whose state_dict() is its position (like StreamingTextDataset)."""
+def test_streaming_text_batches_resume_exactly(tmp_path, caplog):
+    """The real text pipeline: StreamingTextDataset.batches() is a stateful iterable of batches."""
+    text_mod = pytest.importorskip("seqmem_shared.data.text")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"document {i}: " + "abcdefghij"[i % 10] * (5 + i % 7) for i in range(60)))
 
-    def __init__(self) -> None:
-        self.pos = 0
-
-    def __iter__(self):
-        while self.pos < 30:
-            x = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(self.pos))
-            self.pos += 1
-            yield {"x": x, "y": (x + 1) % V}
-        self.pos = 0  # next epoch
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pos = state["pos"]
-
-
-def dict_loss(model, batch):
-    return plain_loss(model, (batch["x"], batch["y"]))
-
-
-@pytest.mark.parametrize("stateful", [True, False])
-def test_batches_resume_exactly(tmp_path, caplog, stateful):
     def source():
-        stream = Stream()
-        return Batches(stream if stateful else list(stream), batch_size=4)
+        return text_mod.StreamingTextDataset(corpus, "bytes", block_size=T, split="all").batches(4)
 
-    straight = make_trainer(tmp_path / "a", data=source(), loss_fn=dict_loss, max_steps=12)
+    def byte_loss(model, batch):  # bytes -> our 16-token toy vocabulary
+        x = batch["input_ids"] % V
+        return plain_loss(model, (x, (x + 1) % V))
+
+    straight = make_trainer(tmp_path / "a", data=source(), loss_fn=byte_loss, max_steps=12)
     straight.fit()
-    assert straight.data.data.consumed == 48  # 1.6 epochs of 30 examples
-    crashing = make_trainer(tmp_path / "b", data=source(), loss_fn=dict_loss, max_steps=12,
+    crashing = make_trainer(tmp_path / "b", data=source(), loss_fn=byte_loss, max_steps=12,
                             callbacks=[CrashAt(8)])
     with pytest.raises(RuntimeError):
         crashing.fit()
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["data_state"]
+    assert saved[0] is not None  # the stream position itself is checkpointed (no skip-replay)
+    resumed_data = source()
+    resumed = make_trainer(tmp_path / "b", data=resumed_data, loss_fn=byte_loss, max_steps=12)
     with caplog.at_level(logging.WARNING, logger="seqmem"):
-        resumed = make_trainer(tmp_path / "b", data=source(), loss_fn=dict_loss, max_steps=12)
         resumed.fit()
-    assert ("resuming by skipping 20 examples" in caplog.text) != stateful
+    assert "skipping" not in caplog.text
+    assert nested_equal(resumed_data.state_dict(), straight.data.data.state_dict())  # same stream position
     assert_same_weights(straight.raw_model, resumed.raw_model)
-    if stateful:
-        assert resumed.data.data.examples.pos == straight.data.data.examples.pos == 18
-
-
-def test_batches_collates_dicts():
-    batch = Batches(Stream(), batch_size=3).next_batch(0)
-    assert batch["x"].shape == (3, T) and torch.equal(batch["y"], (batch["x"] + 1) % V)
-    with pytest.raises(ValueError, match="Batches.batch_size: expected a positive integer, got 0"):
-        Batches(Stream(), batch_size=0)
 
 
 class NumpyStateSource(GeneratorSource):

@@ -5,7 +5,6 @@ accumulation and clipping, warmup-cosine, periodic evaluation, tqdm, ``metrics.j
 checkpoints with exact resume, DDP under ``torchrun``. See ``loop.py`` for the data contract.
 """
 
-from seqmem_shared.train.batching import Batches
 from seqmem_shared.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -28,7 +27,6 @@ from seqmem_shared.train.distributed import (
 from seqmem_shared.train.loop import Callback, Trainer, move_to_device, seed_everything
 
 __all__ = [
-    "Batches",
     "Callback",
     "CheckpointError",
     "DistInfo",

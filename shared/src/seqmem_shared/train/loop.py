@@ -13,8 +13,7 @@ Data: ``train_data`` is one of
   a seed and ``index``): resume needs no state;
 - an iterable of batches (re-iterated when exhausted) or an iterator; with ``state_dict()``/
   ``load_state_dict()`` it resumes exactly, otherwise resume skips the batches already consumed (with a
-  warning). For an iterable of single examples (e.g. ``StreamingTextDataset``) wrap it in
-  :class:`~seqmem_shared.train.Batches`, which batches it and keeps its position.
+  warning). ``StreamingTextDataset(...).batches(batch_size)`` is such a resumable iterable.
 
 ``index`` is the global micro-batch counter ``(step * grad_accum_steps + micro) * world_size + rank``:
 every rank and micro-batch gets a distinct index, and DDP over W ranks with accumulation A consumes the
