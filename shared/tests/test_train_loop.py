@@ -392,6 +392,8 @@ def test_early_stop_logs_partial_window_and_saves(tmp_path):
     assert result["step"] == 4 and "loss" in result
     assert [r["step"] for r in read_metrics(tmp_path)] == [4]
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
+    rerun = make_trainer(tmp_path, max_steps=50, log_every=10, save_every=0)
+    assert rerun.fit() == result and rerun.step == 4  # an early-stopped run counts as finished
 
 
 # ----------------------------------------------------------------------------- accumulation

@@ -69,7 +69,8 @@ class Callback:
     ``on_step_end``, ``on_save`` (after a checkpoint is written). ``on_step_end``'s ``metrics`` always
     has ``step`` and ``lr``, plus the logged values (loss, grad_norm, ...) on log steps and
     ``eval_*`` on eval steps: reading them never forces a device sync. Set ``trainer.should_stop = True``
-    to end training after this step (on every rank under DDP: decide from ``metrics``, which agree).
+    to end training after this step (on every rank under DDP: decide from ``metrics``, which agree); the
+    final checkpoint records it, so a resumed re-run counts the run as finished.
     Hooks that consume RNG (e.g. sampling) run before the checkpoint is written, so resume stays exact.
     Guard printing with ``trainer.is_main``.
     """
@@ -383,8 +384,10 @@ class Trainer:
         if not self._maybe_resume():
             seed_everything(cfg.seed + self.dist.rank)
         self._call("on_fit_start", self)
-        if self.step >= cfg.max_steps:
-            log.info("seqmem: %s is already at step %d >= max_steps", self.checkpoint_path, self.step)
+        if self.step >= cfg.max_steps or self.should_stop:
+            why = "was stopped early by a callback" if self.should_stop else "is already at max_steps"
+            log.info("seqmem: %s %s (step %d); nothing to train (resume=False starts over)",
+                     self.checkpoint_path, why, self.step)
             return dict(self.last_metrics)
         from tqdm.auto import tqdm
 
@@ -553,6 +556,7 @@ class Trainer:
                 "last_metrics": self.last_metrics,
                 "elapsed_s": self._elapsed,
                 "world_size": self.dist.world_size,
+                "stopped_early": self.should_stop,
             }
             save_checkpoint(path, self.raw_model, self.optimizer, self.scheduler, self.step,
                             extra={"trainer": trainer_state}, data_state=data_state, config=self.config,
@@ -579,6 +583,7 @@ class Trainer:
         self.best = state.get("best")
         self.last_metrics = dict(state.get("last_metrics", {}))
         self._elapsed = float(state.get("elapsed_s", 0.0))
+        self.should_stop = bool(state.get("stopped_early", False))
         rank = self.dist.rank
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.dist.world_size and self.data.kind != "callable":
