@@ -52,6 +52,7 @@ CONFIGS = {
     "no_residual_norm": dict(mem_model_norm_add_residual=False, default_model_kwargs=dict(depth=3)),
     "shared_head_params": dict(heads=2, dim_head=8, per_head_learned_parameters=False),
     "split_chunks": dict(chunk_size=(2, 4)),
+    "lookahead": dict(store_with_lookahead_value=True, num_kv_per_token=2),
 }
 
 

@@ -187,6 +187,7 @@ class NeuralMemory(nn.Module):
         spectral_norm_surprises: bool = False,
         gated_transition: bool = False,
         mem_model_norm_add_residual: bool = True,
+        store_with_lookahead_value: bool = False,
         default_model_kwargs: dict | None = None,
         engine: str = "auto",
         keep_updates: bool = False,
@@ -325,6 +326,11 @@ class NeuralMemory(nn.Module):
             else None
         )
         self.max_grad_norm = max_grad_norm
+        if store_with_lookahead_value and self.store_chunk_size * num_kv_per_token < 2:
+            raise ValueError(
+                "NeuralMemory: store_with_lookahead_value needs chunk_size * num_kv_per_token > 1"
+            )
+        self.store_with_lookahead_value = store_with_lookahead_value
         self.spectral_norm_surprises = spectral_norm_surprises
         self.to_decay_factor = nn.Sequential(nn.Linear(dim, heads), Rearrange("b n h -> (b h) n 1"))
         self.transition_gate = nn.Parameter(torch.tensor(-5.0)) if gated_transition else None
@@ -534,7 +540,17 @@ class NeuralMemory(nn.Module):
         split = partial(rearrange, pattern="b n (h u d) -> (b h) (n u) d", h=h, u=u)
         keys = split(self.to_keys(key_seq))
         keys = rearrange(self.k_norm(rearrange(keys, "(b h) n d -> b h n d", h=h)), "b h n d -> (b h) n d")
-        hp["keys"], hp["values"] = keys, split(self.to_values(value_seq))
+        values = split(self.to_values(value_seq))
+        hp["n_chunks"] = n_chunks
+        if self.store_with_lookahead_value and n_chunks > 0:
+            # within each chunk, key t is paired with value t + 1 (arXiv 2601.00671); the last key drops out
+            def per_chunk(t: Tensor, sl: slice) -> Tensor:
+                t = t.reshape(t.shape[0], n_chunks, c * u, *t.shape[2:])[:, :, sl]
+                return t.reshape(t.shape[0], -1, *t.shape[3:])
+
+            keys, values = per_chunk(keys, slice(None, -1)), per_chunk(values, slice(1, None))
+            hp["lr"] = per_chunk(hp["lr"], slice(None, -1))
+        hp["keys"], hp["values"] = keys, values
         if prev_weights is not None and n_chunks > 0:
             mix = rearrange(self.to_learned_weight_residual_mix(chunked), "b h n -> (b h) n")
             hp["residual"] = {
@@ -594,9 +610,8 @@ class NeuralMemory(nn.Module):
 
     def _store_reference(self, hp, weights, last_update, last_momentum, first_row):
         """Per-chunk gradients with torch.func; every chunk's weights materialised."""
-        c, u = self.store_chunk_size, self.num_kv_per_token
         keys, values, lr = hp["keys"], hp["values"], hp["lr"]
-        bh, n_chunks = keys.shape[0], keys.shape[1] // (c * u)
+        bh, n_chunks = keys.shape[0], hp["n_chunks"]
         if n_chunks == 0:
             return (
                 self._empty_segment(first_row, last_update, last_momentum, False),
@@ -651,10 +666,10 @@ class NeuralMemory(nn.Module):
     def _store_dual(self, hp, weights, last_update, last_momentum, first_row):
         """Dual form: per-token gradients at the split's weights, coefficient matrices for every row."""
         residual_norm, mat_names, gamma_name = self._dual_layout
-        c, u = self.store_chunk_size, self.num_kv_per_token
         keys, values, lr = hp["keys"], hp["values"], hp["lr"]
         bh, t = keys.shape[:2]
-        n_chunks, cu = t // (c * u), c * u
+        n_chunks = hp["n_chunks"]
+        cu = t // max(n_chunks, 1)  # stored items per chunk
         orders = 0 if last_momentum is None else self.momentum_order
         names = mat_names + ([gamma_name] if residual_norm else [])
         # carried states: last weights then each momentum order, {name: [bh, S, ...]}
@@ -774,21 +789,25 @@ class NeuralMemory(nn.Module):
         g = torch.arange(start, start + n, device=device)
         return ((g + 1) // cr * cr // cs).clamp(max=max_row)
 
+    def _first_token_at_row(self, row: int, start: int, n: int) -> int:
+        """Index (0..n) of the first token of this call whose row is >= ``row``."""
+        cr, cs = self.retrieve_chunk_size, self.store_chunk_size
+        return min(max(-(-row * cs // cr) * cr - 1 - start, 0), n)
+
     def _retrieve(self, seq: Tensor, segments: list[_Segment], start: int) -> Tensor:
         normed, q = self._queries(seq)
         b, h, n, dh = q.shape
         q = q.reshape(b * h, n, dh)
-        max_row = segments[-1].first_row + segments[-1].num_chunks
-        rows = self._rows_of(start, n, max_row, q.device)
-        # segment of each token: the last one whose first row is <= the token's row
-        firsts = torch.tensor([s.first_row for s in segments], device=q.device)
-        seg_of = torch.searchsorted(firsts, rows, right=True) - 1
         if all(s.dual is not None for s in segments):
-            out = q.new_empty(b * h, n, dh)
-            for i, s in enumerate(segments):
-                sel = (seg_of == i).nonzero().squeeze(-1)
-                if sel.numel():
-                    out[:, sel] = self._retrieve_dual(q[:, sel], rows[sel] - s.first_row, s)
+            # rows grow with the token index: each segment reads a contiguous range (later segments win ties)
+            max_row = segments[-1].first_row + segments[-1].num_chunks
+            bounds = [self._first_token_at_row(s.first_row, start, n) for s in segments[1:]]
+            outs = []
+            for s, lo, hi in zip(segments, [0, *bounds], [*bounds, n]):
+                if hi > lo:
+                    rows = self._rows_of(start + lo, hi - lo, max_row, q.device) - s.first_row
+                    outs.append(self._retrieve_dual(q[:, lo:hi], rows, s))
+            out = torch.cat(outs, dim=1)
         else:
             out = self._retrieve_reference(q, start, segments)
         return self._finish(out.reshape(b, h, n, dh), normed)
