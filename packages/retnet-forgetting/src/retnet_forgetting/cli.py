@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["out_dir"] = args.out_dir
     if args.max_steps:
         cfg["train"]["max_steps"] = args.max_steps
+        cfg["train"]["warmup_steps"] = min(cfg["train"].get("warmup_steps", 0), args.max_steps)
     print(train_tiny(cfg))
     return 0
 

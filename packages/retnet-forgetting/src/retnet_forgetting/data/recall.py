@@ -77,12 +77,14 @@ def make_names(n: int, seed: int) -> list[str]:
 
 
 def value_vocabulary(encode, num_values: int, candidates: range = range(1000)) -> list[int]:
-    """The first ``num_values`` integers whose encodings `` {v}`` end in pairwise distinct tokens (for
-    BPE tokenizers: single-token numbers; for bytes: single digits), so the value's last token names it."""
+    """The first ``num_values`` integers whose encodings `` {v}`` share all but the last token and end in
+    pairwise distinct tokens (BPE: single-token numbers; bytes: a space and one digit), so one token
+    names the value and the shared prefix can end the query."""
     out, last_tokens = [], set()
+    prefix = encode(f" {candidates.start}")[:-1]
     for v in candidates:
         ids = encode(f" {v}")
-        if len(ids) <= 2 and ids[-1] not in last_tokens and len(ids) == len(encode(f" {candidates.start}")):
+        if ids[:-1] == prefix and ids[-1] not in last_tokens:
             out.append(v)
             last_tokens.add(ids[-1])
         if len(out) == num_values:
@@ -178,20 +180,20 @@ def _sequence(seq_id: int, split: str, cfg: RecallConfig, rng: random.Random, en
     the_id_of, name_ids, is_ = encode(" The ID of"), encode(f" {name}"), encode(" is")
     value_ids = encode(f" {value}")
     dot = encode(".")
-    query = the_id_of + name_ids + is_
-    ids = prefix + query + value_ids
+    query = the_id_of + name_ids + is_ + value_ids[:-1]  # the values' shared prefix ends the query
+    ids = prefix + query + value_ids[-1:]
     fact_position = len(ids) - 1
     gap = max(0, target_lag - len(dot) - len(query))
     ids += dot + filler.tokens(gap, cfg.intervening_facts) + query
     query_position = len(ids) - 1
-    ids += value_ids
+    ids += value_ids[-1:]
     return {
         "sequence_id": seq_id, "split": split, "name": name, "fact_value": value, "value_label": label,
         "input_ids": ids, "input_text": None, "fact_position": fact_position,
         "query_position": query_position, "answer_position": query_position + 1,
         "lag": query_position - fact_position, "target_lag": target_lag,
-        "name_positions": list(range(query_position - len(is_) - len(name_ids) + 1,
-                                     query_position - len(is_) + 1)),
+        "name_positions": list(range(len(ids) - len(query) - 1 + len(the_id_of),
+                                     len(ids) - len(query) - 1 + len(the_id_of) + len(name_ids))),
         "num_intervening_facts": cfg.intervening_facts, "filler": cfg.filler, "num_tokens": len(ids),
     }
 
