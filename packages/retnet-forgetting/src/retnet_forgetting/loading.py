@@ -46,8 +46,9 @@ def load_retnet_model(name_or_path: str | Path | RetNetConfig | dict = DEFAULT_M
     if isinstance(name_or_path, (RetNetConfig, dict)):
         config = (name_or_path if isinstance(name_or_path, RetNetConfig)
                   else RetNetConfig.from_dict(name_or_path))
-        model = _fla_from_config(config) if use_fla else RetNetForCausalLM(config)
-        return model.to(device=device, dtype=dtype).eval(), None
+        with torch.device(device):  # initialize where the model will live (2.7B: 11 GB in fp32)
+            model = _fla_from_config(config) if use_fla else RetNetForCausalLM(config)
+        return model.to(dtype=dtype).eval(), None
 
     path = _local_dir(str(name_or_path))
     config = RetNetConfig.from_pretrained(path)

@@ -1,0 +1,93 @@
+"""Ours vs fla on CUDA with the same random weights (run by the GPU job; skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from retnet_forgetting import RetNetStateExtractor
+from retnet_forgetting.loading import to_fla_config
+from retnet_forgetting.reference import RETNET_2_7B, RetNetConfig, RetNetForCausalLM
+
+pytestmark = pytest.mark.gpu
+
+CFG = dict(hidden_size=256, num_hidden_layers=3, num_heads=4, vocab_size=512, attn_mode="chunk")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(scope="module")
+def pair():
+    pytest.importorskip("fla")
+    from fla.models import RetNetForCausalLM as FlaRetNet
+
+    torch.manual_seed(0)
+    ours = RetNetForCausalLM(RetNetConfig(**CFG)).cuda().to(torch.bfloat16).eval()
+    theirs = FlaRetNet(to_fla_config(ours.config)).cuda().to(torch.bfloat16).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return ours, theirs
+
+
+def test_state_dict_keys_and_shapes_equal_fla_2_7b():
+    pytest.importorskip("fla")
+    from fla.models import RetNetForCausalLM as FlaRetNet
+
+    cfg = RetNetConfig(**RETNET_2_7B)
+    with torch.device("meta"):
+        theirs = FlaRetNet(to_fla_config(cfg))
+        ours = RetNetForCausalLM(cfg)
+    a = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert a == b
+    assert round(sum(v.numel() for v in theirs.parameters()) / 1e9, 2) == 2.72
+
+
+@pytest.mark.parametrize("T", [40, 300])  # fla uses fused_recurrent for <= 64 tokens, chunk above
+def test_logits_match_fla(pair, T):
+    ours, theirs = pair
+    ids = torch.randint(0, 512, (2, T), device="cuda")
+    with torch.inference_mode():
+        assert _rel(ours(ids, backend="torch").logits, theirs(input_ids=ids).logits) < 2e-2
+        assert _rel(ours(ids, backend="fla").logits, theirs(input_ids=ids).logits) < 2e-2
+
+
+def test_final_states_match_fla_cache(pair):
+    ours, theirs = pair
+    ids = torch.randint(0, 512, (2, 300), device="cuda")
+    with torch.inference_mode():
+        cache = theirs(input_ids=ids, use_cache=True).past_key_values
+    for model in (ours, theirs):
+        for backend in ("torch", "fla"):
+            states = RetNetStateExtractor(model, backend=backend).extract_states(ids)
+            for layer in range(3):
+                err = _rel(states[layer], cache[layer]["recurrent_state"])
+                assert err < 2e-2, (type(model).__module__, backend, layer, err)
+
+
+def test_states_at_positions_match_fla_prefix_reruns(pair):
+    _, theirs = pair
+    ids = torch.randint(0, 512, (1, 333), device="cuda")
+    positions = [0, 63, 64, 100, 255, 332]
+    ex = RetNetStateExtractor(theirs)
+    got = ex.extract_states_at_positions(ids, positions)
+    oracle = ex.extract_states_incremental(ids, positions)
+    for layer in range(3):
+        assert _rel(got[layer], oracle[layer]) < 2e-2
+    torch_ref = RetNetStateExtractor(theirs, backend="torch").extract_states_at_positions(ids, positions)
+    for layer in range(3):
+        assert _rel(got[layer], torch_ref[layer]) < 1e-2
+
+
+def test_padded_batch_with_fla(pair):
+    _, theirs = pair
+    a = torch.randint(0, 512, (1, 200), device="cuda")
+    b = torch.randint(0, 512, (1, 120), device="cuda")
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 80, dtype=torch.long, device="cuda"), b], 1)])
+    mask = torch.ones(2, 200, dtype=torch.long)
+    mask[1, :80] = 0
+    ex = RetNetStateExtractor(theirs)
+    states = ex.extract_states(ids, attention_mask=mask)
+    alone = ex.extract_states(b)
+    for layer in range(3):
+        assert _rel(states[layer][1], alone[layer][0]) < 2e-2
