@@ -1,0 +1,1 @@
+"""Operators with a pure-PyTorch reference and optional fast paths."""
