@@ -60,7 +60,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 def run(cfg: dict[str, Any]) -> Path:
     """Run every stage; returns the report path."""
-    cfg = merge_config(cfg) if set(cfg) != set(DEFAULTS) else cfg
+    cfg = merge_config(cfg)
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", cfg)
