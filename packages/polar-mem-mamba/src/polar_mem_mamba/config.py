@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seqmem_shared.data.mqar import FIRST_KEY
+
 
 class ConfigError(ValueError):
     """A config file or field that cannot be used; the message is one line naming it."""
@@ -64,7 +66,9 @@ class Config:
     ``cross_attn_layers`` (decoder layers followed by GSA cross-attention), the memory pool
     (``mem_pool_size`` entries of ``mem_summary_dim``, written every ``mem_update_freq`` layers).
     Task: MQAR with ``num_pairs`` key-value pairs and ``num_queries`` queries; ``vocab_size`` is the
-    MQAR vocabulary. Training: AdamW with warmup + cosine, global ``batch_size`` (split over ranks).
+    MQAR vocabulary (keys from ``[10, V/2)``, values from ``[V/2, V)``; the study uses 8192, small
+    vocabularies make quick CPU runs). Training: AdamW with warmup + cosine, global ``batch_size``
+    (split over ranks).
     ``backend``: "auto" uses mamba_ssm / causal_conv1d / flash_attn on CUDA when installed, "torch"
     forces the pure-PyTorch references.
     """
@@ -189,6 +193,10 @@ class Config:
                   list(self.cross_attn_layers))
         if self.warmup_steps > self.max_steps:
             _fail("warmup_steps", f"an integer <= max_steps={self.max_steps}", self.warmup_steps)
+        most = min(self.vocab_size // 2 - FIRST_KEY, self.vocab_size - self.vocab_size // 2)
+        if self.num_pairs > most:
+            _fail("num_pairs", f"at most {most} (distinct keys and values of vocab_size={self.vocab_size})",
+                  self.num_pairs)
         if self.num_queries > self.num_pairs:
             _fail("num_queries", f"an integer <= num_pairs={self.num_pairs}", self.num_queries)
 
@@ -318,7 +326,7 @@ _CHECKS: dict[str, Callable[[Config, str], None]] = {
     "backend": _choice(BACKENDS),
     "num_pairs": _int(1),
     "num_queries": _int(1),
-    "vocab_size": _int(8192),
+    "vocab_size": _int(2 * FIRST_KEY + 2),
     "batch_size": _int(1),
     "learning_rate": _float(0.0, math.inf, lo_open=True),
     "weight_decay": _float(0.0, math.inf),
