@@ -6,6 +6,9 @@ otherwise; ``"torch"`` forces the reference, ``"fla"`` forces fla (raises when i
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from seqmem_shared.backends import optional_import, resolve_backend
 
@@ -67,8 +70,18 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, chunk_size: int = DEFAULT_CHU
     if _backend(backend, k, v) == "fla":
         from retnet_forgetting.ops.retention.fla_kernels import fla_chunk_states
 
-        return fla_chunk_states(k, v, chunk_size, initial_state)
+        try:
+            return fla_chunk_states(k, v, chunk_size, initial_state)
+        except (TypeError, ImportError) as exc:  # fla's internal chunk_fwd_h API moved: stay correct
+            if backend == "fla":
+                raise
+            _warn_once(f"fla chunk_fwd_h unusable ({type(exc).__name__}: {exc}); chunk states use PyTorch")
     return reference.chunk_states(k, v, chunk_size, initial_state)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.getLogger("seqmem").warning("seqmem: %s", message)
 
 
 def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
