@@ -1,0 +1,265 @@
+"""Ours vs titans-pytorch (the peer) on the issue's configurations, in one device command; prints JSON.
+
+Both distributions import as ``titans_pytorch``, so each side runs in its own subprocess: ours from
+``packages/titans-pytorch/src`` (+ ``shared/src``), the peer from ``--peer-path`` (a ``pip install
+--target`` directory holding titans-pytorch 0.5.5 and its dependencies). The peer's NeuralMemory weights,
+input and output are saved and loaded into ours (same parameter names) to check equal outputs.
+
+    python packages/titans-pytorch/bench/bench_titans.py --peer-path /tmp/peer_site
+    python packages/titans-pytorch/bench/bench_titans.py --only ours --quick   # CPU smoke run
+
+Benchmarks: ``neural_memory`` (NeuralMemory(dim=384, chunk_size=64), input 2 x 1024 x 384, fp32 and bf16
+autocast: forward and forward + backward ms) and ``mac_train`` (MAC training tokens/s, bf16 autocast,
+batch 4 x 512, the issue's configuration); ``--full-mac`` adds the peer's train_mac.py defaults
+(attention pooling, per-parameter lr, weight residual, qkv views, spectral norm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+OURS_PATHS = [ROOT / "packages" / "titans-pytorch" / "src", ROOT / "shared" / "src"]
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn, device: str, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_neural_memory(side: str, device: str, quick: bool, exchange: Path) -> dict:
+    import torch
+    from titans_pytorch import NeuralMemory
+
+    torch.manual_seed(0)
+    n = 256 if quick else 1024
+    mem = NeuralMemory(dim=384, chunk_size=64).to(device)
+    x = torch.randn(2, n, 384, device=device)
+    ckpt = exchange / "neural_memory.pt"
+    result: dict = {}
+    if side == "peer":
+        with torch.no_grad():
+            out, _ = mem(x)
+        torch.save({"state_dict": mem.state_dict(), "x": x.cpu(), "out": out.cpu()}, ckpt)
+    elif ckpt.exists():
+        saved = torch.load(ckpt, map_location=device)
+        missing = mem.load_state_dict(saved["state_dict"], strict=False)
+        with torch.no_grad():
+            out, _ = mem(saved["x"].to(device))
+        result["max_abs_diff_vs_peer"] = (out - saved["out"].to(device)).abs().max().item()
+        result["state_dict_mismatch"] = [*missing.missing_keys, *missing.unexpected_keys]
+    warmup, iters = (1, 2) if quick else (3, 10)
+    for precision in ("fp32", "bf16"):
+
+        def fwd(bf16: bool = precision == "bf16"):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                return mem(x)[0]
+
+        def fwd_bwd(fwd=fwd):
+            fwd().float().square().mean().backward()
+
+        result[f"{precision}_forward_ms"] = _time_ms(fwd, device, warmup, iters)
+        result[f"{precision}_forward_backward_ms"] = _time_ms(fwd_bwd, device, warmup, iters)
+    if device == "cuda":
+        result["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _mac_kwargs(full: bool, use_accelerated_scan: bool, on_cuda: bool) -> dict:
+    from titans_pytorch import MemoryMLP
+
+    mem_kwargs = dict(
+        dim_head=64,
+        heads=4,
+        momentum=True,
+        momentum_order=1,
+        qk_rmsnorm=True,
+        default_step_transform_max_lr=1e-1,
+        use_accelerated_scan=use_accelerated_scan,
+    )
+    kwargs = dict(
+        num_tokens=256,
+        dim=384,
+        depth=8,
+        segment_len=32,
+        num_persist_mem_tokens=4,
+        num_longterm_mem_tokens=4,
+        neural_memory_layers=(2, 4, 6),
+        neural_memory_segment_len=4,
+        neural_memory_batch_size=128,
+        neural_memory_model=MemoryMLP(dim=64, depth=2),
+        sliding_window_attn=True,
+        use_flex_attn=on_cuda,
+        neural_memory_kwargs=mem_kwargs,
+    )
+    if full:
+        mem_kwargs.update(
+            attn_pool_chunks=True, per_parameter_lr_modulation=True, spectral_norm_surprises=True
+        )
+        kwargs.update(neural_mem_weight_residual=True, neural_memory_qkv_receives_diff_views=True)
+    return kwargs
+
+
+def bench_mac(side: str, device: str, quick: bool, full: bool) -> dict:
+    import importlib.util
+
+    import torch
+    from titans_pytorch import MemoryAsContextTransformer
+
+    torch.manual_seed(0)
+    accel = device == "cuda" and importlib.util.find_spec("accelerated_scan") is not None
+    model = MemoryAsContextTransformer(**_mac_kwargs(full, accel, device == "cuda")).to(device)
+    # titans-pytorch's per-head memory weights are expanded views of one storage, which in-place optimizer
+    # updates reject; give each its own storage (speed is unaffected, and it is what training needs)
+    aliased = [p for p in model.parameters() if 0 in p.stride() and p.numel() > 1]
+    for p in aliased:
+        p.data = p.data.clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
+    batch, seq = (1, 128) if quick else (4, 512)
+    data = torch.randint(0, 256, (batch, seq + 1), device=device)
+    losses = []
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(data, return_loss=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    ms = _time_ms(step, device, *((1, 1) if quick else (3, 8)))
+    out = {
+        "step_ms": ms,
+        "tokens_per_s": batch * seq / ms * 1e3,
+        "batch": batch,
+        "seq_len": seq,
+        "accelerated_scan": accel,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
+    }
+    if device == "cuda":
+        out["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def worker(args) -> None:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    import titans_pytorch
+
+    exchange = Path(args.exchange)
+    res = {
+        "side": args.worker,
+        "module": str(Path(titans_pytorch.__file__).parent),
+        "device": device,
+        "torch": torch.__version__,
+    }
+    if device == "cuda":
+        res["gpu"] = torch.cuda.get_device_name()
+    for name, fn in (
+        ("neural_memory", lambda: bench_neural_memory(args.worker, device, args.quick, exchange)),
+        ("mac_train", lambda: bench_mac(args.worker, device, args.quick, False)),
+        ("mac_train_full", lambda: bench_mac(args.worker, device, args.quick, True)),
+    ):
+        if name == "mac_train_full" and not args.full_mac:
+            continue
+        try:
+            res[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - report and keep measuring the rest
+            res[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    print("RESULT " + json.dumps(res))
+
+
+def run_side(side: str, args, exchange: str) -> dict:
+    env = dict(os.environ)
+    inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    ours = [str(p) for p in OURS_PATHS]
+    if side == "ours":
+        path = ours + [p for p in inherited if p != args.peer_path]
+    else:
+        path = [args.peer_path] + [p for p in inherited if p not in ours]
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    cmd = [sys.executable, __file__, "--worker", side, "--exchange", exchange]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--full-mac"] if args.full_mac else []
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    return {"side": side, "error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--peer-path", default="/tmp/peer_site", help="directory where titans-pytorch 0.5.5 is installed"
+    )
+    p.add_argument("--only", choices=("ours", "peer", "both"), default="both")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    p.add_argument("--full-mac", action="store_true", help="also the peer's train_mac.py defaults")
+    p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    p.add_argument("--exchange", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    with tempfile.TemporaryDirectory() as exchange:
+        sides = ("peer", "ours") if args.only == "both" else (args.only,)  # peer first: it writes the weights
+        results = {side: run_side(side, args, exchange) for side in sides}
+    summary = {}
+    if args.only == "both":
+        try:
+            o, q = results["ours"], results["peer"]
+            summary["mac_train_speedup"] = o["mac_train"]["tokens_per_s"] / q["mac_train"]["tokens_per_s"]
+            for prec in ("fp32", "bf16"):
+                key = f"{prec}_forward_backward_ms"
+                summary[f"neural_memory_{prec}_fwd_bwd_speedup"] = (
+                    q["neural_memory"][key] / o["neural_memory"][key]
+                )
+                key = f"{prec}_forward_ms"
+                summary[f"neural_memory_{prec}_fwd_speedup"] = (
+                    q["neural_memory"][key] / o["neural_memory"][key]
+                )
+            if (
+                "mac_train_full" in o
+                and "tokens_per_s" in o["mac_train_full"]
+                and "tokens_per_s" in q.get("mac_train_full", {})
+            ):
+                summary["mac_train_full_speedup"] = (
+                    o["mac_train_full"]["tokens_per_s"] / q["mac_train_full"]["tokens_per_s"]
+                )
+        except (KeyError, TypeError, ZeroDivisionError) as exc:
+            summary["error"] = f"incomplete results: {exc!r}"
+    print(json.dumps({"results": results, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
