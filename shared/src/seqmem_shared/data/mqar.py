@@ -42,10 +42,10 @@ def _row_chunks(rows: int, row_elems: int) -> list[tuple[int, int]]:
 def sample_distinct(gen: torch.Generator, rows: int, k: int, low: int, high: int) -> Tensor:
     """[rows, k] int64: per row, a uniformly random ordered k-tuple of distinct integers in ``[low, high)``.
 
-    Sparse case (``2 k <= high - low``): i.i.d. draws, then every later duplicate of a value is redrawn
-    until a row has none. Which entries get redrawn depends only on which entries are equal, never on the
-    values, so the procedure commutes with relabeling the values and the result is uniform over distinct
-    tuples. Dense case: prefixes of random permutations.
+    Sparse case (``2 k <= high - low``): i.i.d. draws; then, while a row has equal entries, each one but
+    the first (by position) is redrawn. Which entries get redrawn depends only on which entries are equal,
+    never on the values, so the procedure commutes with relabeling the values and the result is uniform
+    over distinct tuples. Dense case: prefixes of random permutations.
     """
     n = high - low
     if k > n:
@@ -56,17 +56,21 @@ def sample_distinct(gen: torch.Generator, rows: int, k: int, low: int, high: int
             out[s:e] = torch.rand(e - s, n, generator=gen, dtype=torch.float64).argsort(dim=1)[:, :k]
         return out + low
     x = torch.randint(low, high, (rows, k), generator=gen)
+    # first pass: sort each row by (value, position); a run of equal values keeps its first position
     bits = max(1, (k - 1).bit_length())
-    position = torch.arange(k)
-    todo = torch.arange(rows)
-    while todo.numel():
-        # sort by (value, position): among equal values the first position comes first and stays
-        packed = ((x[todo] << bits) | position).sort(dim=1).values
-        value = packed >> bits
-        r, c = (value[:, 1:] == value[:, :-1]).nonzero(as_tuple=True)
-        later = packed[r, c + 1] & ((1 << bits) - 1)
-        x[todo[r], later] = torch.randint(low, high, (r.numel(),), generator=gen)
-        todo = todo[r.unique_consecutive()]
+    dtype = torch.int32 if high << bits < 2**31 else torch.long  # int32 sorts faster
+    packed = ((x.to(dtype) << bits) | torch.arange(k, dtype=dtype)).sort(dim=1).values
+    value = packed >> bits
+    r, c = (value[:, 1:] == value[:, :-1]).nonzero(as_tuple=True)
+    row, col = r, (packed[r, c + 1] & ((1 << bits) - 1)).long()
+    while row.numel():
+        x[row, col] = torch.randint(low, high, (row.numel(),), generator=gen)
+        # only pairs involving a redrawn entry can be equal now; the later entry of each such pair redraws
+        equal = x[row] == x[row, col][:, None]  # [redrawn, k]
+        equal[torch.arange(row.numel()), col] = False
+        e, other = equal.nonzero(as_tuple=True)
+        redo = (row[e] * k + torch.maximum(col[e], other)).unique()
+        row, col = redo // k, redo % k
     return x
 
 
@@ -76,11 +80,12 @@ def power_law_gaps(gen: torch.Generator, rows: int, k: int, space: int, power_a:
     uniform). Drawn as an exponential race (``E_g / w_g``, smallest first), which has the same ordered
     distribution as successive weighted draws.
     """
-    weights = torch.arange(1, space + 1, dtype=torch.float64).pow(power_a - 1).float()
+    inv_weights = torch.arange(1, space + 1, dtype=torch.float64).pow(1 - power_a).float()
     out = torch.empty(rows, k, dtype=torch.long)
     for s, e in _row_chunks(rows, space):
-        race = torch.rand(e - s, space, generator=gen).neg_().log1p_().neg_() / weights  # Exp(1) / w
-        out[s:e] = race.topk(k, dim=1, largest=False, sorted=True).indices
+        # race times E / w with E = -log(U) ~ Exp(1): the k smallest are the k largest of log(U) / w
+        neg_race = torch.rand(e - s, space, generator=gen).log_().mul_(inv_weights)
+        out[s:e] = neg_race.topk(k, dim=1, largest=True, sorted=True).indices
     return out
 
 
