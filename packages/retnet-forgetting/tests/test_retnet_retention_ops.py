@@ -94,3 +94,22 @@ def test_bad_inputs_raise_clear_errors():
         retention(q, k, v, backend="cuda")
     with pytest.raises(RuntimeError, match="fla"):
         retention(q, k, v, backend="fla")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_in_chunk_correction_matches_reference(dtype):
+    """Runs the Triton kernel (CPU interpreter without CUDA; conftest sets TRITON_INTERPRET=1)."""
+    from seqmem_shared.backends import triton_status
+
+    if not triton_status()[0]:
+        pytest.skip(triton_status()[1])
+    _, k, v = _qkv(B=2, T=45, H=2, Dk=16, Dv=32, dtype=dtype)
+    if torch.cuda.is_available():
+        k, v = k.cuda(), v.cuda()
+    positions = torch.tensor([[0, 15, 16, 44], [44, 3, 31, 32]])
+    ref = states_at_positions(k, v, positions, chunk_size=16, backend="torch")
+    got = states_at_positions(k, v, positions, chunk_size=16, backend="triton")
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    half = states_at_positions(k, v, positions, chunk_size=16, backend="triton", out_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), ref, atol=2e-2, rtol=2e-2)

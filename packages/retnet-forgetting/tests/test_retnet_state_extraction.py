@@ -116,3 +116,17 @@ def test_bad_arguments(model, ids):
         ex.extract_states(ids, layers=[3])
     with pytest.raises(TypeError, match="RetNet"):
         RetNetStateExtractor(torch.nn.Linear(2, 2))
+
+
+def test_extractor_with_triton_correction(model, ids):
+    from seqmem_shared.backends import triton_status
+
+    if not triton_status()[0]:
+        pytest.skip(triton_status()[1])
+    positions = [0, 15, 16, 44]
+    ref = RetNetStateExtractor(model, chunk_size=16, backend="torch")
+    fast = RetNetStateExtractor(model, chunk_size=16, backend="triton")
+    want = ref.extract_states_at_positions(ids, positions)
+    got = fast.extract_states_at_positions(ids, positions)
+    for layer in want:
+        torch.testing.assert_close(got[layer], want[layer], atol=1e-4, rtol=1e-4)

@@ -38,7 +38,8 @@ class RetNetStateExtractor:
     Args:
         model: ``RetNetForCausalLM`` (``retnet_forgetting.reference`` or fla's).
         chunk_size: chunk length of the chunked form (64 as in fla).
-        backend: ``"auto"`` (fla kernels for CUDA tensors when installed), ``"torch"`` or ``"fla"``.
+        backend: ``"auto"`` (fla kernels and the Triton in-chunk correction for CUDA tensors), ``"torch"``,
+            ``"fla"`` or ``"triton"`` (the Triton correction also on CPU under ``TRITON_INTERPRET=1``).
         state_dtype: dtype of returned states (accumulation is always fp32).
         position_block: requested positions processed at a time (bounds transient memory).
     """
@@ -234,6 +235,7 @@ class RetNetStateExtractor:
             input_ids = gather_rows(input_ids, index.to(input_ids.device))
         device = self._device()
         input_ids, positions = input_ids.to(device), positions.to(device)
+        mix_backend = "auto" if self.backend == "triton" else self.backend  # "triton" names the correction
         x = self.decoder.embeddings(input_ids)
         last_layer = self.num_layers - 1 if logits else max(layers)
         for layer_idx in range(last_layer + 1):
@@ -242,13 +244,14 @@ class RetNetStateExtractor:
             q, k, v = retention_qkv(layer.attn, normed)
             if layer_idx in layers:
                 extra = () if key_positions is None else (_mean_key(k, key_positions.to(device)),)
-                h = chunk_states(k, v, self.chunk_size, backend=self.backend)
+                h = chunk_states(k, v, self.chunk_size, backend=mix_backend)
                 for start in range(0, positions.shape[1], self.position_block):
                     sl = slice(start, start + self.position_block)
-                    s = states_at_positions(k, v, positions[:, sl], h=h, chunk_size=self.chunk_size)
-                    emit(layer_idx, given[:, sl], s.to(self.state_dtype), *extra)
+                    s = states_at_positions(k, v, positions[:, sl], h=h, chunk_size=self.chunk_size,
+                                            backend=self.backend, out_dtype=self.state_dtype)
+                    emit(layer_idx, given[:, sl], s, *extra)
                 del h
-            o, _ = retention(q, k, v, mode="chunk", backend=self.backend)
+            o, _ = retention(q, k, v, mode="chunk", backend=mix_backend)
             x = x + retention_output(layer.attn, o, normed)
             x = x + layer.mlp(layer.mlp_norm(x))
         if not logits:

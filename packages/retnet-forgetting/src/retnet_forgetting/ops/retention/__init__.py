@@ -86,8 +86,29 @@ def _warn_once(message: str) -> None:
 
 def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         h: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        initial_state: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """``S_t`` (state after token ``t``) for ``positions [K]`` or ``[B, K]``: ``[B, K, H, Dk, Dv]`` fp32."""
+                        initial_state: torch.Tensor | None = None, backend: str = "auto",
+                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``S_t`` (state after token ``t``) for ``positions [K]`` or ``[B, K]``: ``[B, K, H, Dk, Dv]``.
+
+    Accumulates in fp32 and returns ``out_dtype``. ``backend``: ``"auto"`` (fla chunk states and the
+    Triton correction on CUDA), ``"torch"``, ``"fla"`` (fla chunk states) or ``"triton"`` (the Triton
+    correction; on CPU only under ``TRITON_INTERPRET=1``).
+    """
+    if backend not in ("auto", "torch", "fla", "triton"):
+        raise ValueError(f"backend={backend!r}: expected one of 'auto', 'torch', 'fla', 'triton'")
     if h is None:
-        h = chunk_states(k, v, chunk_size, initial_state, backend=backend)
-    return reference.states_at_positions(k, v, positions, h=h, chunk_size=chunk_size)
+        h = chunk_states(k, v, chunk_size, initial_state, backend="auto" if backend == "triton" else backend)
+    positions = reference._as_batch_positions(positions, k.shape[0], k.shape[1]).to(k.device)
+    use_triton = backend == "triton" or (backend in ("auto", "fla") and _triton_ok(k, v, chunk_size))
+    if use_triton and resolve_backend("triton" if backend == "triton" else "auto", k) == "triton":
+        from retnet_forgetting.ops.retention.triton_states import states_at_positions_triton
+
+        log_g = retention_log_decay(k.shape[2], k.device)
+        return states_at_positions_triton(k, v, positions, h, log_g, chunk_size, out_dtype)
+    return reference.states_at_positions(k, v, positions, h=h, chunk_size=chunk_size).to(out_dtype)
+
+
+def _triton_ok(k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> bool:
+    pow2 = chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+    shapes_ok = pow2 and min(k.shape[-1], v.shape[-1]) >= 16
+    return k.is_cuda and shapes_ok and optional_import("triton", "the in-chunk state kernel") is not None
