@@ -6,6 +6,7 @@ import yaml
 from retnet_forgetting.cli import main
 from retnet_forgetting.loading import load_retnet_model
 from retnet_forgetting.pipeline import build_model, extract, load_config, merge_config
+from retnet_forgetting.store import StateStore
 from seqmem_shared.tokenization import get_tokenizer
 
 TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2, "vocab_size": 259}
@@ -35,8 +36,8 @@ def test_run_end_to_end_and_resume(tmp_path):
     assert set(curves["probe"]) == probes
     assert set(curves["lag"]) == {24, 200} and curves["accuracy"].between(0, 1).all()
     assert (out / "heatmap_ridge_head.png").stat().st_size > 1000
-    manifest = (out / "states" / "manifest.json").read_text()
-    assert manifest.count('"done": true') == 2
+    store = StateStore(out / "states")
+    assert len(store.manifest["shards"]) == 2 and not store.pending()
     mtime = (out / "states" / "shard_00000.safetensors").stat().st_mtime
     cfg = load_config(path)  # resume: finished shards are not re-extracted
     df = pd.read_parquet(out / "dataset.parquet")

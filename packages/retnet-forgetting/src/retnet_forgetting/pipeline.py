@@ -1,7 +1,8 @@
 """``retnet-forgetting run``: dataset -> state extraction -> probes -> analysis, with progress and resume.
 
 Every stage writes into ``out_dir`` and is skipped when its output exists (the state store resumes
-shard by shard). See ``configs/quick.yaml`` for every option.
+shard by shard). Under ``torchrun`` every rank extracts its share of the shards on its own GPU and rank 0
+then fits the probes and writes the report. See ``configs/quick.yaml`` for every option.
 """
 
 from __future__ import annotations
@@ -58,18 +59,29 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return merge_config(yaml.safe_load(path.read_text()) or {})
 
 
-def run(cfg: dict[str, Any]) -> Path:
-    """Run every stage; returns the report path."""
+def run(cfg: dict[str, Any]) -> Path | None:
+    """Run every stage; returns the report path (None on ranks other than 0 under torchrun)."""
+    from seqmem_shared.tokenization import get_tokenizer
+    from seqmem_shared.train import barrier, init_distributed
+
     cfg = merge_config(cfg)
+    dist = init_distributed()
+    if dist.world_size > 1:
+        cfg["model"]["device"] = str(dist.device)
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", cfg)
-    from seqmem_shared.tokenization import get_tokenizer
-
     tokenizer = get_tokenizer(cfg["tokenizer"])
+    if dist.rank == 0:
+        atomic_write_json(out / "config.json", cfg)
+        build_dataset(cfg, tokenizer, out)
+    barrier()
     df = build_dataset(cfg, tokenizer, out)
     model = build_model(cfg, tokenizer)
-    store = extract(cfg, model, df, out / "states")
+    store = extract(cfg, model, df, out / "states", rank=dist.rank, world_size=dist.world_size)
+    barrier()
+    if dist.rank != 0:
+        return None
+    store = StateStore(out / "states")
     curves = probe(cfg, store, df, model)
     atomic_write(out / "curves.csv", lambda p: curves.to_csv(p, index=False))
     info = get_model_config(model)
@@ -120,8 +132,11 @@ def build_model(cfg: dict[str, Any], tokenizer: Any) -> torch.nn.Module:
     return model
 
 
-def extract(cfg: dict[str, Any], model: torch.nn.Module, df, root: Path) -> StateStore:
-    """States at each row's fact and query positions (reduced, optionally de-rotated) and the readout."""
+def extract(cfg: dict[str, Any], model: torch.nn.Module, df, root: Path, rank: int = 0,
+            world_size: int = 1) -> StateStore:
+    """States at each row's fact and query positions (reduced, optionally de-rotated) and the readout.
+
+    With ``world_size > 1`` rank ``r`` writes the pending shards ``r, r + world_size, ...``."""
     from tqdm.auto import tqdm
 
     e = cfg["extraction"]
@@ -137,12 +152,18 @@ def extract(cfg: dict[str, Any], model: torch.nn.Module, df, root: Path) -> Stat
     size = estimate_bytes(len(df), 2, len(layers), H, feat[1], dtype) + (
         estimate_bytes(len(df), 1, len(layers), H, Dv, dtype) if e["readout"] else 0)
     log.info("state store: %d rows x %d layers, about %.1f MB", len(df), len(layers), size / 2**20)
+    from seqmem_shared.train import barrier
+
+    meta = {"reduction": reduction.to_dict(), "derotate": e["derotate"]}
+    if rank == 0:
+        StateStore(root).create(len(df), e["shard_rows"], layers, records, dtype, meta=meta)
+    barrier()
     store = StateStore(root)
-    store.create(len(df), e["shard_rows"], layers, records, dtype,
-                 meta={"reduction": reduction.to_dict(), "derotate": e["derotate"]})
+    store.create(len(df), e["shard_rows"], layers, records, dtype, meta=meta)  # checks the layout
     extractor = RetNetStateExtractor(model, state_dtype=torch.float32)
     pad = 0
-    for shard in tqdm(store.pending(), desc="extract", disable=not store.pending()):
+    mine = store.pending()[rank::world_size]
+    for shard in tqdm(mine, desc=f"extract (rank {rank})" if world_size > 1 else "extract", disable=not mine):
         parts: dict[str, list[torch.Tensor]] = {f"{r}.layer_{layer}": [] for r in records for layer in layers}
         for start in range(shard["start"], shard["stop"], e["batch_size"]):
             rows = df.iloc[start:min(start + e["batch_size"], shard["stop"])]

@@ -3,8 +3,9 @@
 Layout of ``root/``: ``manifest.json`` (layers, records with their feature shapes, dtype, shard row
 ranges and which are done) and ``shard_{i:05d}.safetensors`` holding, for rows ``[start, stop)`` of
 the dataset, ``"{record}.layer_{l}"`` tensors ``[rows, *shape]`` plus ``"row"`` (the row indices). A
-shard is written atomically and then marked done, so an interrupted run resumes with the first
-unfinished shard. ``load`` memory-maps the shards (safetensors) and concatenates what is asked for.
+shard is written atomically (temp file, then rename), so a shard file that exists is complete: an
+interrupted run resumes with the missing shards, and ranks of a torchrun job can write disjoint shards
+of one store. ``load`` memory-maps the shards (safetensors) and concatenates what is asked for.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class StateStore:
                         if json.dumps(old[k], default=str) != json.dumps(spec[k], default=str)]
                 raise ValueError(f"{self.root}: existing store differs in {diff}; use a new directory")
             return
-        shards = [{"file": f"shard_{i:05d}.safetensors", "start": s, "stop": min(s + shard_rows, num_rows),
-                   "done": False} for i, s in enumerate(range(0, num_rows, shard_rows))]
+        shards = [{"file": f"shard_{i:05d}.safetensors", "start": s, "stop": min(s + shard_rows, num_rows)}
+                  for i, s in enumerate(range(0, num_rows, shard_rows))]
         self.manifest = {**spec, "shards": shards}
         self._save_manifest()
 
@@ -54,12 +55,12 @@ class StateStore:
         atomic_write_json(self.manifest_path, self.manifest)
 
     def pending(self) -> list[dict[str, Any]]:
-        """Shards still to write (each ``{"file", "start", "stop", "done"}``)."""
+        """Shards still to write (each ``{"file", "start", "stop"}``)."""
         self._require()
-        return [s for s in self.manifest["shards"] if not s["done"]]
+        return [s for s in self.manifest["shards"] if not (self.root / s["file"]).exists()]
 
     def write_shard(self, shard: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Write ``{"{record}.layer_{l}": [rows, ...]}`` for ``shard``'s rows, then mark it done."""
+        """Write ``{"{record}.layer_{l}": [rows, ...]}`` for ``shard``'s rows (atomically)."""
         from safetensors.torch import save_file
 
         self._require()
@@ -77,10 +78,6 @@ class StateStore:
             out[k] = v.detach().to("cpu", dtype).contiguous()
         out["row"] = torch.arange(shard["start"], shard["stop"])
         atomic_write(self.root / shard["file"], lambda p: save_file(out, str(p)))
-        for s in self.manifest["shards"]:
-            if s["file"] == shard["file"]:
-                s["done"] = True
-        self._save_manifest()
 
     def load(self, record: str, layers: Iterable[int] | None = None, dtype: torch.dtype = torch.float32,
              ) -> dict[int, torch.Tensor]:
