@@ -73,8 +73,8 @@ def test_dual_form_equals_reference(name):
         torch.testing.assert_close(state.weights[k], ref_state.weights[k], atol=1e-5, rtol=1e-5)
 
 
-def test_dual_keep_updates_match_reference_rows():
-    mem = _perturb(NeuralMemory(16, chunk_size=4, batch_size=8, keep_updates=True))
+def test_dual_lazy_updates_match_reference_rows():
+    mem = _perturb(NeuralMemory(16, chunk_size=4, batch_size=8))
     x = torch.randn(2, 20, 16)
     mem.engine = "reference"
     _, ref = mem(x)
@@ -153,7 +153,7 @@ def test_state_chaining_equals_one_call(splits, batch_size):
 
 
 def test_weight_residual_chaining():
-    mem = _perturb(NeuralMemory(16, dim_head=16, heads=2, chunk_size=8, keep_updates=True))
+    mem = _perturb(NeuralMemory(16, dim_head=16, heads=2, chunk_size=8))
     mem2 = _perturb(NeuralMemory(16, dim_head=16, heads=2, chunk_size=8, accept_weight_residual=True), seed=5)
     x = torch.randn(2, 64, 16)
     seq, state = mem(x)

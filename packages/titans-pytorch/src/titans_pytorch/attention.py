@@ -50,6 +50,15 @@ def _flex() -> tuple[Callable, Callable] | None:
     return torch.compile(mod.flex_attention), mod.create_block_mask
 
 
+def _flex_attention_fn() -> Callable | None:
+    """The raw (uncompiled) flex_attention, or None (titans-pytorch exposes it as ``flex_attention``)."""
+    mod = optional_import("torch.nn.attention.flex_attention", "MAC block-sparse attention")
+    return None if mod is None else mod.flex_attention
+
+
+flex_attention = _flex_attention_fn()
+
+
 def flex_attention_available() -> bool:
     return torch.cuda.is_available() and _flex() is not None
 
@@ -152,7 +161,7 @@ class SegmentedAttention(nn.Module):
         if memory is not None:
             _, mk, mv = self._kv(memory)
             mk = rotary(mk, positions)
-        pk, pv = (repeat(t, "h p d -> b h p d", b=b) for t in self.persistent_memory)
+        pk, pv = (repeat(t, "h p d -> b h p d", b=b).to(k.dtype) for t in self.persistent_memory)
         if cache is None:
             keys = torch.cat([pk] + ([mk] if mk is not None else []) + [k], dim=-2)
             values = torch.cat([pv] + ([mv] if mv is not None else []) + [v], dim=-2)

@@ -19,7 +19,7 @@ import tqdm
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from .attention import SegmentedAttention, flex_attention_available
+from .attention import SegmentedAttention, flex_attention, flex_attention_available
 from .neural_memory import NeuralMemory
 
 MACCache = namedtuple("MACCache", ("seq_index", "kv_caches", "neural_mem_caches"))
@@ -136,7 +136,6 @@ class MemoryAsContextTransformer(nn.Module):
         kwargs = dict(neural_memory_kwargs or {})
         self.layers = nn.ModuleList()
         first_mem = True
-        last_mem = max(mem_layers) if mem_layers else 0
         for layer in layers:
             mem = selector = mem_hc = None
             if layer in mem_layers:
@@ -152,7 +151,6 @@ class MemoryAsContextTransformer(nn.Module):
                     model=deepcopy(neural_memory_model),
                     qkv_receives_diff_views=views,
                     accept_weight_residual=neural_mem_weight_residual and not first_mem,
-                    keep_updates=neural_mem_weight_residual and layer != last_mem,
                     **kwargs,
                 )
                 first_mem = False
@@ -288,6 +286,7 @@ class MemoryAsContextTransformer(nn.Module):
 
 
 __all__ = [
+    "flex_attention",
     "MACCache",
     "MemoryAsContextTransformer",
     "SegmentedAttention",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import namedtuple
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -57,12 +57,43 @@ NeuralMemState.__doc__ = """State carried between calls.
 seq_index: tokens stored so far (a multiple of the store chunk size); weights: {name: [bh, ...]} weights
 at which surprises are taken; cache_store_segment: tokens not yet filling a chunk ([b, r, d], or
 [2, b, r, d] with qkv views); states: (last weights {name: [bh, ...]}, momenta {name: [o, bh, ...]} or
-None); updates: {name: [bh, rows, ...]} weights for every chunk boundary of the last call, or None when
-the dual engine ran without ``keep_updates``."""
+None); updates: {name: [bh, rows, ...]} weights at every chunk boundary of the last call (row 0 = the
+weights it started from; a :class:`LazyUpdates` mapping, built only if read, under the dual engine). With a
+``store_mask``, cache_store_segment is a (tokens, mask) pair."""
+
+
+class LazyUpdates(Mapping):
+    """``{name: [bh, rows, ...]}`` weights at every chunk boundary, built on first access.
+
+    The dual engine never needs these tensors itself; they are materialised only if read (e.g. by a
+    following memory's weight residual).
+    """
+
+    def __init__(self, build: Callable[[], dict[str, Tensor]]):
+        self._build, self._value = build, None
+
+    def _get(self) -> dict[str, Tensor]:
+        if self._value is None:
+            self._value, self._build = self._build(), None
+        return self._value
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def detach(self) -> LazyUpdates:
+        if self._value is not None:
+            return LazyUpdates(lambda v=self._value: {k: t.detach() for k, t in v.items()})
+        return LazyUpdates(lambda build=self._build: {k: t.detach() for k, t in build().items()})
 
 
 def _tree_detach(x):
-    if isinstance(x, Tensor):
+    if isinstance(x, (Tensor, LazyUpdates)):
         return x.detach()
     if isinstance(x, dict):
         return {k: _tree_detach(v) for k, v in x.items()}
@@ -149,8 +180,9 @@ class NeuralMemory(nn.Module):
     ``forward(seq [b, n, d] | [b, d] | [3, b, n, d] with qkv views, state=None, ...)`` ->
     ``(retrieved [b, n, d], NeuralMemState)`` (plus ``(loss, lr)`` [b, h, n * u] with
     ``return_surprises``). Extra keywords of ours: ``engine`` ("auto": dual form when the memory is an
-    MLP and the default loss, otherwise the reference), ``keep_updates`` (materialise per-chunk weights
-    into ``state.updates`` in the dual engine too), ``scan_backend`` for the momentum/decay scans.
+    MLP and the default loss, otherwise the reference), ``scan_backend`` for the momentum/decay scans
+    ("torch", "triton" or "auto"; default "auto" with ``use_accelerated_scan`` else "torch"), and
+    ``forward(..., prev_weights_first_row=0)``: the stored-chunk row at which ``prev_weights`` start.
     """
 
     def __init__(
@@ -190,7 +222,6 @@ class NeuralMemory(nn.Module):
         store_with_lookahead_value: bool = False,
         default_model_kwargs: dict | None = None,
         engine: str = "auto",
-        keep_updates: bool = False,
         scan_backend: str | None = None,
     ):
         super().__init__()
@@ -223,7 +254,7 @@ class NeuralMemory(nn.Module):
         self.batch_size = batch_size
         self.num_kv_per_token = num_kv_per_token
         self.qkv_receives_diff_views = qkv_receives_diff_views
-        self.engine, self.keep_updates = engine, keep_updates
+        self.engine = engine
         self.use_accelerated_scan = use_accelerated_scan
         self.scan_backend = scan_backend or ("auto" if use_accelerated_scan else "torch")
         self.assoc_scan = AssocScan(use_accelerated=use_accelerated_scan)
@@ -496,6 +527,8 @@ class NeuralMemory(nn.Module):
         start = first_row * c + num_cached
         retrieved = self._retrieve(retrieve_seq, segments, start)
         updates = self._updates(segments)
+        if updates is None:
+            updates = LazyUpdates(lambda: self._updates(segments, force=True))
         next_state = NeuralMemState(seq_index, weights, cache, (last_update, last_momentum), updates)
         if detach_mem_state:
             next_state = mem_state_detach(next_state)
@@ -700,10 +733,12 @@ class NeuralMemory(nn.Module):
             factors[k] = f
         # recurrence on a basis: columns 0..N-1 = chunk surprises, N = last weights, N+1+o = momenta
         size = n_chunks + 1 + orders
-        eye = torch.eye(size, device=keys.device, dtype=keys.dtype)
+        # (in fp32 whatever the autocast dtype: these products of gates are shared by every weight)
+        eye = torch.eye(size, device=keys.device, dtype=torch.float32)
         basis = eye[:n_chunks].unsqueeze(0).expand(bh, n_chunks, size)
         prev_mom = eye[n_chunks + 1 :].unsqueeze(1).expand(orders, bh, size) if orders else None
-        rows_c, mom_c = self._recurrence(basis, eye[n_chunks].expand(bh, size), prev_mom, hp, False)
+        gates = {k: (v.float() if isinstance(v, Tensor) else v) for k, v in hp.items()}
+        rows_c, mom_c = self._recurrence(basis, eye[n_chunks].expand(bh, size), prev_mom, gates, False)
         # rows_c [bh, N+1, size]: row r = sum_m rows_c[r, m] u_m + rows_c[r, N] W + sum_o rows_c[r, N+1+o] S_o
         coef = torch.cat((rows_c[..., n_chunks : n_chunks + 1], rows_c[..., n_chunks + 1 :]), dim=-1)
         chunk_of_token = torch.arange(t, device=keys.device) // cu
@@ -754,7 +789,7 @@ class NeuralMemory(nn.Module):
             last = i == len(segments) - 1
             if s.rows is not None:
                 rows = s.rows
-            elif self.keep_updates or force:
+            elif force:
                 d = s.dual
                 if d["tokens"] is None:
                     rows = {

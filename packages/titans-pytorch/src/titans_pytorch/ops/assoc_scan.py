@@ -8,6 +8,7 @@ never imported).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -42,29 +43,43 @@ def assoc_scan_reference(gates: Tensor, inputs: Tensor, prev: Tensor | None = No
     return h
 
 
-def _triton_scan() -> object | None:
-    """accelerated-scan's Triton entry point (``scan(gates, tokens)`` on [b, d, n]) or None."""
-    mod = optional_import("accelerated_scan.triton", "the Titans momentum scan")
-    return getattr(mod, "scan", None) if mod is not None else None
+def _triton_scan() -> tuple[object, bool] | None:
+    """(accelerated-scan's Triton ``scan(gates, tokens)`` on [b, d, n], needs power-of-2 n) or None.
+
+    accelerated-scan >= 0.3 ships it as ``accelerated_scan.scalar`` (any n); older releases as
+    ``accelerated_scan.triton`` (n a power of two >= 32). The CUDA ``warp`` module is never imported.
+    """
+    for name, pow2 in (("accelerated_scan.scalar", False), ("accelerated_scan.triton", True)):
+        if importlib.util.find_spec("accelerated_scan") is None:
+            return None
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            mod = optional_import(name, "the Titans momentum scan")
+            if mod is not None and hasattr(mod, "scan"):
+                return mod.scan, pow2
+    return None
 
 
 def assoc_scan_triton(gates: Tensor, inputs: Tensor, prev: Tensor | None = None) -> Tensor:
     """Same contract as :func:`assoc_scan_reference`, through accelerated-scan on CUDA tensors."""
-    scan = _triton_scan()
-    if scan is None:
+    found = _triton_scan()
+    if found is None:
         raise RuntimeError("backend='triton' for assoc_scan needs the accelerated-scan package")
-    b, n = inputs.shape[:2]
+    scan, pow2 = found
+    b = inputs.shape[0]
     if prev is not None:
         inputs = torch.cat((prev.unsqueeze(1), inputs), dim=1)
         gates = torch.cat((torch.ones_like(gates[:, :1]).expand(b, 1, *gates.shape[2:]), gates), dim=1)
     shape = inputs.shape
-    x = inputs.reshape(b, shape[1], -1).transpose(1, 2)
-    a = gates.expand(shape).reshape(b, shape[1], -1).transpose(1, 2)
-    length = 2 ** max(5, math.ceil(math.log2(shape[1])))
-    x = F.pad(x, (0, length - shape[1])).contiguous()
-    a = F.pad(a, (0, length - shape[1])).contiguous()
-    dtype = x.dtype
-    out = scan(a.float(), x.float())[..., : shape[1]].to(dtype)
+    x = inputs.reshape(b, shape[1], -1).transpose(1, 2).float()
+    a = gates.expand(shape).reshape(b, shape[1], -1).transpose(1, 2).float()
+    if pow2:
+        length = 2 ** max(5, math.ceil(math.log2(shape[1])))
+        x, a = F.pad(x, (0, length - shape[1])), F.pad(a, (0, length - shape[1]))
+    out = scan(a.contiguous(), x.contiguous())[..., : shape[1]].to(inputs.dtype)
     out = out.transpose(1, 2).reshape(shape)
     return out[:, 1:] if prev is not None else out
 
