@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.out_dir:
             cfg["out_dir"] = args.out_dir
-        print(run_pipeline(cfg))
+        report = run_pipeline(cfg)
+        if report is not None:  # rank 0 (or a single process)
+            print(report)
         return 0
     from retnet_forgetting.train import load_train_config, train_tiny
 
