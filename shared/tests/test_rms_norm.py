@@ -143,6 +143,14 @@ def test_triton_non_contiguous_and_empty_inputs() -> None:
     xt = x.reshape(3, 2, 12).transpose(0, 1)  # rows not in memory order
     got = rms_norm(xt, w, backend="triton")
     assert rel_err(got, rms_norm_reference(xt, w)) < 1e-5
+    # gradients through a non-contiguous input, and from .sum() (an expanded, stride-0 dy)
+    grads = []
+    for fn in (lambda a, b: rms_norm(a, b, backend="triton"), rms_norm_reference):
+        xl, wl = xt.detach().requires_grad_(), w.detach().clone().requires_grad_()
+        fn(xl, wl).sum().backward()
+        grads.append((xl.grad, wl.grad))
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(a, b) < 1e-5
     empty = torch.empty(0, 12, device=DEVICE)
     assert rms_norm(empty, w, backend="triton").shape == (0, 12)
 

@@ -190,7 +190,8 @@ def fwd_config(d: int, max_block: int = MAX_FUSED_BLOCK) -> Config:
     block_d = triton.next_power_of_2(d)
     if block_d > max_block:
         block_d = min(SPLIT_BLOCK, max_block)
-        return Config(1, block_d, _warps(block_d))
+        # 32 warps: few rows in flight per SM, so the second pass over a row mostly hits L2
+        return Config(1, block_d, 32 if block_d >= SPLIT_BLOCK else _warps(block_d))
     block_r = max(1, min(16, 2048 // block_d))
     return Config(block_r, block_d, _warps(block_r * block_d))
 
@@ -326,8 +327,9 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.shape, ctx.max_block, ctx.x_dtype = x.shape, max_block, x.dtype
         ctx.res_dtype = residual.dtype if residual is not None else None
         ctx.set_materialize_grads(False)  # an unused output gets no gradient tensor
-        y = y.view(x.shape)
-        return y if h is None else (y, h.view(x.shape))
+        if y.shape != x.shape:  # x was not contiguous
+            y, h = y.view(x.shape), h.view(x.shape) if h is not None else None
+        return y if h is None else (y, h)
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dh_out: Tensor | None = None):
@@ -342,9 +344,9 @@ class RMSNormFunction(torch.autograd.Function):
             dy, h, weight, rstd, ctx.x_dtype, dh_out, ctx.res_dtype,
             compute_dx=need_x or need_r, compute_dw=need_w, max_block=ctx.max_block,
         )
-        dx = dx.view(ctx.shape) if need_x else None
-        dres = dres.view(ctx.shape) if need_r else None
-        return dx, dw, dres, None, None
+        if dx is not None and dx.shape != ctx.shape:  # dy was not contiguous
+            dx, dres = dx.view(ctx.shape), dres.view(ctx.shape) if dres is not None else None
+        return dx if need_x else None, dw, dres if need_r else None, None, None
 
 
 def rms_norm_triton(
