@@ -91,3 +91,19 @@ def test_padded_batch_with_fla(pair):
     alone = ex.extract_states(b)
     for layer in range(3):
         assert _rel(states[layer][1], alone[layer][0]) < 2e-2
+
+
+def test_fla_chunk_states_and_triton_correction_at_2_7b_head_dims():
+    pytest.importorskip("fla")
+    from retnet_forgetting.ops.retention import chunk_states, states_at_positions
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(2, 1000, 10, 256, device="cuda", generator=g).to(torch.bfloat16)
+    v = torch.randn(2, 1000, 10, 512, device="cuda", generator=g).to(torch.bfloat16)
+    h_fla, h_ref = chunk_states(k, v, backend="fla"), chunk_states(k, v, backend="torch")
+    assert _rel(h_fla, h_ref) < 1e-3
+    positions = torch.tensor([[0, 63, 64, 500, 999], [999, 1, 700, 128, 127]])
+    fast = states_at_positions(k, v, positions, h=h_fla, backend="triton")
+    ref = states_at_positions(k, v, positions, h=h_ref, backend="torch")
+    assert _rel(fast, ref) < 1e-3
+    assert states_at_positions(k, v, positions, backend="auto", out_dtype=torch.bfloat16).dtype == torch.bfloat16

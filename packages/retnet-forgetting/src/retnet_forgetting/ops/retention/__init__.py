@@ -72,7 +72,7 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, chunk_size: int = DEFAULT_CHU
 
         try:
             return fla_chunk_states(k, v, chunk_size, initial_state)
-        except (TypeError, ImportError) as exc:  # fla's internal chunk_fwd_h API moved: stay correct
+        except (TypeError, ImportError, RuntimeError) as exc:  # fla's internal API moved: stay correct
             if backend == "fla":
                 raise
             _warn_once(f"fla chunk_fwd_h unusable ({type(exc).__name__}: {exc}); chunk states use PyTorch")
