@@ -734,10 +734,10 @@ class NeuralMemory(nn.Module):
         # recurrence on a basis: columns 0..N-1 = chunk surprises, N = last weights, N+1+o = momenta
         size = n_chunks + 1 + orders
         # (in fp32 whatever the autocast dtype: these products of gates are shared by every weight)
-        eye = torch.eye(size, device=keys.device, dtype=torch.float32)
+        eye = torch.eye(size, device=keys.device, dtype=torch.promote_types(keys.dtype, torch.float32))
         basis = eye[:n_chunks].unsqueeze(0).expand(bh, n_chunks, size)
         prev_mom = eye[n_chunks + 1 :].unsqueeze(1).expand(orders, bh, size) if orders else None
-        gates = {k: (v.float() if isinstance(v, Tensor) else v) for k, v in hp.items()}
+        gates = {k: (v.to(eye.dtype) if isinstance(v, Tensor) else v) for k, v in hp.items()}
         rows_c, mom_c = self._recurrence(basis, eye[n_chunks].expand(bh, size), prev_mom, gates, False)
         # rows_c [bh, N+1, size]: row r = sum_m rows_c[r, m] u_m + rows_c[r, N] W + sum_o rows_c[r, N+1+o] S_o
         coef = torch.cat((rows_c[..., n_chunks : n_chunks + 1], rows_c[..., n_chunks + 1 :]), dim=-1)
