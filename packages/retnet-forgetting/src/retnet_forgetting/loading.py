@@ -55,9 +55,12 @@ def load_retnet_model(name_or_path: str | Path | RetNetConfig | dict = DEFAULT_M
     if "retnet-2.7b" in str(name_or_path).lower():
         verify_2_7b_config(config)
     if use_fla:
-        from transformers import AutoModelForCausalLM
+        import transformers
+        from packaging.version import Version
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        # transformers >= 4.56 calls it ``dtype``; older versions ``torch_dtype``
+        key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **{key: dtype})
     else:
         model = RetNetForCausalLM.from_pretrained(path, dtype=dtype)
     model = model.to(device).eval()
