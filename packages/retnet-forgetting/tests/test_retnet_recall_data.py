@@ -38,3 +38,14 @@ def test_corpus_filler_and_bad_config(tmp_path):
         RecallConfig(filler="corpus")
     with pytest.raises(ValueError, match="lags"):
         RecallConfig(lags=[0])
+
+
+def test_custom_names_and_values():
+    t = get_tokenizer("gpt2")
+    names = [f"Person{i}" for i in range(12)]
+    cfg = RecallConfig(num_sequences=24, lags=[30], names=names, values=[10, 20, 30])
+    df = generate_recall_dataset(cfg, t)
+    assert set(df["name"]) <= set(names) and set(df["fact_value"]) <= {10, 20, 30}
+    assert df.attrs["values"] == [10, 20, 30]
+    with pytest.raises(ValueError, match="values"):
+        generate_recall_dataset(RecallConfig(num_sequences=9, lags=[30], names=names, values=[7, 123456]), t)

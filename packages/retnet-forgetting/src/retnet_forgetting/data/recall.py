@@ -31,7 +31,8 @@ _WORDS = ("the", "a", "river", "quiet", "old", "market", "walked", "slowly", "ne
 
 @dataclass
 class RecallConfig:
-    """What to generate. ``lags`` are requested distances in tokens (fact value -> query end)."""
+    """What to generate. ``lags`` are requested distances in tokens (fact value -> query end); ``names``
+    and ``values`` replace the generated pseudo-names and the automatic number vocabulary."""
 
     num_sequences: int = 1000
     lags: list[int] = field(default_factory=lambda: [10, 50, 100, 200, 500, 1000])
@@ -42,6 +43,8 @@ class RecallConfig:
     max_prefix_tokens: int = 32
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     corpus_path: str | None = None
+    names: list[str] | None = None
+    values: list[int] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -51,6 +54,10 @@ class RecallConfig:
             raise ValueError("filler='corpus' needs corpus_path (a local UTF-8 text file)")
         if not self.lags or min(self.lags) < 1:
             raise ValueError(f"lags={self.lags!r}: expected a non-empty list of positive token counts")
+        if self.names is not None:
+            self.num_names = len(set(self.names))
+        if self.values is not None:
+            self.num_values = len(set(self.values))
         if self.num_names < 3 * len(SPLITS) or self.num_values < 2:
             raise ValueError(f"num_names={self.num_names}, num_values={self.num_values}: expected >= 9 names "
                              "and >= 2 values")
@@ -91,6 +98,15 @@ def value_vocabulary(encode, num_values: int, candidates: range = range(1000)) -
             return out
     raise ValueError(f"num_values={num_values}: the tokenizer gives only {len(out)} numbers in "
                      f"{candidates.start}..{candidates.stop - 1} with distinct last tokens")
+
+
+def _check_values(encode, values: list[int]) -> list[int]:
+    values = sorted(set(int(v) for v in values))
+    enc = [encode(f" {v}") for v in values]
+    if len({tuple(e[:-1]) for e in enc}) != 1 or len({e[-1] for e in enc}) != len(values):
+        raise ValueError(f"values={values}: their encodings must share all but a last, distinct token "
+                         "(e.g. single-token numbers)")
+    return values
 
 
 class _Filler:
@@ -149,14 +165,16 @@ def generate_recall_dataset(config: RecallConfig, tokenizer: Any):
     encode = _encode_fn(tokenizer)
     vocab_size = int(getattr(tokenizer, "vocab_size", 0) or len(tokenizer))
     rng = random.Random(cfg.seed)
-    names = make_names(cfg.num_names, cfg.seed)
+    names = (sorted(set(cfg.names), key=lambda _: rng.random()) if cfg.names is not None
+             else make_names(cfg.num_names, cfg.seed))
     n_train = int(cfg.split_fractions[0] * len(names))
     n_val = int(cfg.split_fractions[1] * len(names))
     split_names = {"train": names[:n_train], "val": names[n_train:n_train + n_val],
                    "test": names[n_train + n_val:]}
     distractors = make_names(cfg.num_names + 50, cfg.seed + 1)
     distractors = [d for d in distractors if d not in set(names)] or distractors
-    values = value_vocabulary(encode, cfg.num_values)
+    values = (value_vocabulary(encode, cfg.num_values) if cfg.values is None
+              else _check_values(encode, cfg.values))
     filler = _Filler(cfg, encode, vocab_size, rng, distractors, values)
     counts = [round(f * cfg.num_sequences) for f in cfg.split_fractions]
     counts[0] = cfg.num_sequences - counts[1] - counts[2]
