@@ -27,7 +27,7 @@ from retnet_forgetting.store import StateStore, estimate_bytes
 log = logging.getLogger("seqmem.retnet")
 
 DEFAULTS: dict[str, Any] = {
-    "out_dir": "runs/retnet-forgetting",
+    "out_dir": "outputs/retnet-forgetting",
     "tokenizer": "gpt2",
     "model": {"name_or_path": None, "config": None, "dtype": "bfloat16", "implementation": "auto",
               "device": None},

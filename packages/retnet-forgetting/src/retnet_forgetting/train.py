@@ -21,7 +21,7 @@ from retnet_forgetting.loading import load_retnet_model
 from retnet_forgetting.reference import RetNetConfig
 
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "out_dir": "runs/tiny",
+    "out_dir": "outputs/retnet-tiny",
     "tokenizer": "bytes",
     "device": None,
     "implementation": "auto",
