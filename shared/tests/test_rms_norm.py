@@ -151,6 +151,8 @@ def test_triton_non_contiguous_and_empty_inputs() -> None:
         grads.append((xl.grad, wl.grad))
     for a, b in zip(*grads, strict=True):
         assert rel_err(a, b) < 1e-5
+    w_strided = torch.stack([w, w], -1)[:, 0]  # a weight with stride 2
+    assert rel_err(rms_norm(xt, w_strided, backend="triton"), rms_norm_reference(xt, w)) < 1e-5
     empty = torch.empty(0, 12, device=DEVICE)
     assert rms_norm(empty, w, backend="triton").shape == (0, 12)
 
