@@ -130,3 +130,17 @@ def test_extractor_with_triton_correction(model, ids):
     got = fast.extract_states_at_positions(ids, positions)
     for layer in want:
         torch.testing.assert_close(got[layer], want[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_single_pass_streams_to_per_layer_stores_and_resumes(model, ids, tmp_path):
+    from retnet_forgetting.store import stream_states_to_store
+
+    ex = RetNetStateExtractor(model, chunk_size=8, position_block=16)
+    stores = stream_states_to_store(ex, ids[0], tmp_path, layers=[0, 2], dtype=torch.float32)
+    full = ex.extract_states_single_pass(ids[:1], layers=[2])[2][0]
+    torch.testing.assert_close(stores[2].load("state")[2], full)
+    assert len(stores[0].manifest["shards"]) == 3 and not stores[0].pending()
+    calls = []
+    ex.extract_states_single_pass = lambda *a, **k: calls.append(k)  # resume: nothing left to extract
+    stream_states_to_store(ex, ids[0], tmp_path, layers=[0, 2], dtype=torch.float32)
+    assert calls == []

@@ -98,3 +98,47 @@ class StateStore:
     def _require(self) -> None:
         if self.manifest is None:
             raise FileNotFoundError(f"{self.root}: no manifest.json (create the store first)")
+
+
+def stream_states_to_store(extractor: Any, input_ids: torch.Tensor, root: str | Path,
+                           layers: Iterable[int] | None = None, reduce: Any = None,
+                           dtype: torch.dtype = torch.bfloat16) -> dict[int, StateStore]:
+    """The state at every position of ONE sequence (``input_ids [1, T]`` or ``[T]``), streamed to disk.
+
+    One store per layer at ``root/layer_{l}`` (rows = positions, one shard per ``position_block`` of the
+    extractor, record ``"state"``), written while the single pass runs, so memory holds one block at a
+    time (retnet-2.7B: 2.6 MB per position and layer in bf16). Layers whose shards all exist are not
+    extracted again (resume). ``reduce`` maps ``[1, n, H, Dk, Dv]`` states to ``[1, n, ...]`` features.
+    """
+    input_ids = torch.as_tensor(input_ids)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids: expected one sequence [1, T] or [T], "
+                         f"got shape {tuple(input_ids.shape)}")
+    T = input_ids.shape[1]
+    layers = list(range(extractor.num_layers)) if layers is None else sorted(int(x) for x in layers)
+    probe = torch.zeros(1, 1, *extractor_state_shape(extractor))
+    shape = tuple((reduce(probe) if reduce is not None else probe).shape[2:])
+    stores = {}
+    for layer in layers:
+        store = StateStore(Path(root) / f"layer_{layer}")
+        store.create(T, extractor.position_block, [layer], {"state": shape}, dtype,
+                     meta={"positions": "rows are token positions"})
+        stores[layer] = store
+    todo = [layer for layer in layers if stores[layer].pending()]
+
+    def sink(layer: int, positions: torch.Tensor, states: torch.Tensor) -> None:
+        start = int(positions[0, 0])
+        shard = next(s for s in stores[layer].manifest["shards"] if s["start"] == start)
+        if not (stores[layer].root / shard["file"]).exists():
+            stores[layer].write_shard(shard, {f"state.layer_{layer}": states[0]})
+
+    if todo:
+        extractor.extract_states_single_pass(input_ids, layers=todo, sink=sink, reduce=reduce)
+    return stores
+
+
+def extractor_state_shape(extractor: Any) -> tuple[int, int, int]:
+    """``(H, Dk, Dv)`` of the extractor's model."""
+    attn = extractor.layers[0].attn
+    return attn.num_heads, attn.head_k_dim, attn.head_v_dim
