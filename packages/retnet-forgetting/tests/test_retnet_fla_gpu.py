@@ -108,3 +108,29 @@ def test_fla_chunk_states_and_triton_correction_at_2_7b_head_dims():
     assert _rel(fast, ref) < 1e-3
     auto = states_at_positions(k, v, positions, backend="auto", out_dtype=torch.bfloat16)
     assert auto.dtype == torch.bfloat16 and _rel(auto, ref) < 1e-2
+
+
+def test_fla_model_through_train_tiny_and_the_pipeline(tmp_path):
+    pytest.importorskip("fla")
+    from retnet_forgetting import get_model_config, load_retnet_model, print_model_structure
+    from retnet_forgetting.pipeline import run
+    from retnet_forgetting.train import load_train_config, train_tiny
+
+    cfg = load_train_config(None)
+    cfg.update(out_dir=str(tmp_path / "tiny"), device="cuda", implementation="fla")
+    cfg["model"] = {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "vocab_size": 259}
+    cfg["dataset"] = {"num_sequences": 200, "lags": [20, 60], "num_names": 30}
+    cfg["train"].update(max_steps=5, warmup_steps=1, eval_every=5, save_every=0, batch_size=8)
+    model_dir = train_tiny(cfg)
+    model, _ = load_retnet_model(model_dir, device="cuda", dtype=torch.bfloat16, implementation="fla")
+    assert type(model).__module__.startswith("fla")
+    info = get_model_config(model)
+    assert info["implementation"] == "fla" and info["state_shape"] == (2, 32, 64)
+    assert "g_norm_swish_gate" in print_model_structure(model, print_fn=lambda _: None)
+    report = run({"out_dir": str(tmp_path / "run"), "tokenizer": "bytes",
+                  "model": {"name_or_path": str(model_dir), "dtype": "bfloat16", "implementation": "fla"},
+                  "dataset": {"num_sequences": 90, "lags": [24, 200], "filler": "random", "num_names": 30},
+                  "extraction": {"batch_size": 16, "shard_rows": 50,
+                                 "reduction": {"kind": "bilinear", "rank_k": 4, "rank_v": 4}},
+                  "probes": {"kinds": ["ridge", "logistic"], "logistic": {"max_steps": 20}}})
+    assert "Memory half-life" in report.read_text()
