@@ -142,3 +142,29 @@ def test_bad_inputs_are_one_line_errors():
         _mac(neural_memory_layers=(5,))
     with pytest.raises(ValueError, match="token ids"):
         _mac()(torch.randn(2, 3, 16))
+
+
+@pytest.mark.parametrize("variant", ["MemoryAsGateTransformer", "MemoryAsLayerTransformer", "NeuralMemoryLM"])
+def test_mag_mal_lmm_are_causal_and_train(variant):
+    import titans_pytorch
+
+    model = getattr(titans_pytorch, variant)(
+        num_tokens=64,
+        dim=16,
+        depth=2,
+        segment_len=8,
+        num_persist_mem_tokens=2,
+        dim_head=8,
+        heads=2,
+        neural_memory_segment_len=4,
+        neural_memory_batch_size=8,
+    )
+    x = torch.randint(0, 64, (2, 20))
+    logits = model(x)
+    y = x.clone()
+    y[:, 12:] = (y[:, 12:] + 1) % 64
+    torch.testing.assert_close(model(y)[:, :12], logits[:, :12])  # the future does not leak
+    model(x, return_loss=True).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert model.sample(x[:, :3], 6, temperature=0.0).shape == (2, 3)

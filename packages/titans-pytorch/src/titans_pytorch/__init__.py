@@ -9,15 +9,19 @@ from titans_pytorch.memory_models import (
     MemorySwiGluMLP,
 )
 from titans_pytorch.neural_memory import NeuralMemory, NeuralMemState, mem_state_detach
+from titans_pytorch.variants import MemoryAsGateTransformer, MemoryAsLayerTransformer, NeuralMemoryLM
 
 __all__ = [
     "FactorizedMemoryMLP",
     "GatedResidualMemoryMLP",
     "MemoryAsContextTransformer",
+    "MemoryAsGateTransformer",
+    "MemoryAsLayerTransformer",
     "MemoryAttention",
     "MemoryMLP",
     "MemorySwiGluMLP",
     "NeuralMemState",
     "NeuralMemory",
+    "NeuralMemoryLM",
     "mem_state_detach",
 ]

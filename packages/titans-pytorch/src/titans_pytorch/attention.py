@@ -200,9 +200,12 @@ class SegmentedAttention(nn.Module):
 
     def _trim(self, next_pos: int, positions: Tensor, k, v, mk, mv) -> tuple:
         """Cache of the last ``segment_len`` positions: (next position, positions, k, v, mem k, mem v)."""
-        keep = positions >= next_pos - self.segment_len
-        sel = lambda t: t[:, :, keep] if t is not None else None
-        return (next_pos, positions[keep], sel(k), sel(v), sel(mk), sel(mv))
+        keep = min(self.segment_len, positions.shape[0])  # positions are consecutive: slice, no sync
+
+        def sel(t: Tensor | None) -> Tensor | None:
+            return t[:, :, -keep:] if t is not None else None
+
+        return (next_pos, positions[-keep:], sel(k), sel(v), sel(mk), sel(mv))
 
     def _decode(self, q, k, v, mk, mv, pk, pv, positions, cache):
         """Attention of new tokens against the cached window (explicit mask)."""
@@ -230,4 +233,4 @@ class SegmentedAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, torch.cat(parts_k, -2), torch.cat(parts_v, -2), attn_mask=torch.cat(masks, dim=-1)
         )
-        return out, self._trim(int(positions[-1]) + 1, all_pos, k, v, mk, mv)
+        return out, self._trim(cache[0] + len(positions), all_pos, k, v, mk, mv)
