@@ -1,25 +1,12 @@
 """Fused kernels with pure-PyTorch references: RMSNorm and cross-entropy.
 
 Each op takes ``backend="auto"|"torch"|"triton"``: ``"auto"`` runs the Triton kernel on CUDA tensors
-and the reference elsewhere. Submodules load on first use, so importing this package stays cheap.
+and the reference elsewhere. The Triton modules themselves load only when a kernel first runs.
+The functions are bound over their same-named submodules, so
+``from seqmem_shared.kernels import rms_norm`` gives the function.
 """
 
-from __future__ import annotations
+from seqmem_shared.kernels.cross_entropy import cross_entropy, linear_cross_entropy
+from seqmem_shared.kernels.rms_norm import RMSNorm, rms_norm
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "rms_norm": "rms_norm",
-    "RMSNorm": "rms_norm",
-    "cross_entropy": "cross_entropy",
-    "linear_cross_entropy": "cross_entropy",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__all__ = ["RMSNorm", "cross_entropy", "linear_cross_entropy", "rms_norm"]
