@@ -11,6 +11,7 @@ from typing import Any
 MODEL_TYPE = re.compile(r"^(attention_only|transformer)_([1-9][0-9]*)L$")
 ATTENTION_IMPLS = ("auto", "quadratic", "linear")
 NORMS = (None, "rms")
+INITS = ("seed", "unit")
 # Context length from which attention_impl="auto" uses the linear (state) form instead of the O(N^2)
 # masked form. A documented default until bench/bench_quadratic_attention.py measures the crossover on
 # the target GPU (the linear form costs ~T*dh^3 flops vs ~T^2*dh for the masked form: even at dh=64 it
@@ -27,7 +28,8 @@ class ModelConfig:
     (breaks the polynomial structure; the circuit analysis refuses it), ``qk_norm`` an RMSNorm on q and
     k per head. ``attention_impl`` picks the O(N^2) masked form, the linear (state) form, or ``"auto"``:
     linear from ``linear_crossover`` tokens on. ``bias`` adds biases to the attention q/k/v and MLP
-    projections (the seed checkpoints have them). ``init_std`` is the std of the normal init.
+    projections (the seed checkpoints have them). ``init="seed"`` draws weights from N(0, ``init_std``)
+    (the seed's recipe), ``init="unit"`` keeps activations at unit RMS (see ``ToyTransformer``).
     """
 
     model_type: str = "attention_only_1L"
@@ -45,6 +47,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     bias: bool = False
     init_std: float = 0.02
+    init: str = "seed"
     linear_crossover: int = DEFAULT_LINEAR_CROSSOVER
 
     def __post_init__(self) -> None:
@@ -72,6 +75,8 @@ class ModelConfig:
                 _fail(name, "true or false", getattr(self, name))
         if self.norm not in NORMS:
             _fail("norm", "null or 'rms'", self.norm)
+        if self.init not in INITS:
+            _fail("init", "'seed' or 'unit'", self.init)
         if self.attention_impl not in ATTENTION_IMPLS:
             _fail("attention_impl", "one of 'auto', 'quadratic', 'linear'", self.attention_impl)
         for name in ("rope_base", "init_std"):

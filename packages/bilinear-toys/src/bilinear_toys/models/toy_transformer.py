@@ -132,13 +132,26 @@ class ToyTransformer(HookedModule):
         self.setup_hooks()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, zero biases, zero output projections (attn ``o``, MLP ``down``)."""
-        std = self.config.init_std
+        """Zero biases and output projections (attn ``o``, MLP ``down``); other weights normal.
+
+        ``init="seed"``: std ``init_std`` everywhere (the seed's recipe). ``init="unit"``: embeddings with
+        std ``d^-1/4`` (tied logits start O(1)), q/k with std ``(d_head/d)^1/4`` (scores ``q.k/d_head``
+        start O(1)), other projections ``1/sqrt(fan_in)``. Without norms the pattern is degree 4 in the
+        weights: at ``init_std=0.02`` it starts near 1e-10 and attention barely learns.
+        """
+        c = self.config
+        unit = c.init == "unit"
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, c.d_model**-0.25 if unit else c.init_std)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, module.in_features**-0.5 if unit else c.init_std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+        if unit:
+            for block in self.blocks:
+                for proj in (block.attn.q, block.attn.k):
+                    nn.init.normal_(proj.weight, 0.0, (c.d_head / c.d_model) ** 0.25)
         for block in self.blocks:
             nn.init.zeros_(block.attn.o.weight)
             if block.mlp is not None:
