@@ -167,9 +167,6 @@ def test_auto_backend_and_float64() -> None:
         assert torch.equal(rms_norm(xc, w.float().cpu()), rms_norm_reference(xc, w.float().cpu()))
 
 
-@pytest.mark.xfail(strict=True, reason="seqmem_shared/kernels/__init__.py: importing the submodule "
-                   "`rms_norm` rebinds the package attribute to the module; __getattr__ must rebind "
-                   "the function")
 def test_public_import_path_gives_the_function() -> None:
     from seqmem_shared.kernels import RMSNorm as PublicRMSNorm
     from seqmem_shared.kernels import rms_norm as public_rms_norm
