@@ -136,3 +136,23 @@ def test_norm_variants_run_and_train_step():
     assert m.embed.weight.grad is not None and torch.isfinite(loss)
     with pytest.raises(ValueError, match="tokens: expected an integer tensor"):
         m(torch.zeros(2, 3))
+
+
+@pytest.mark.gpu
+def test_cuda_linear_form_trains_under_bf16():
+    cfg = ModelConfig("transformer_2L", vocab_size=512, d_model=128, n_head=4, n_ctx=256, init="unit",
+                      attention_impl="linear")
+    torch.manual_seed(0)
+    model = ToyTransformer(cfg).cuda()
+    tokens = torch.randint(0, 512, (4, 256), device="cuda")
+    with torch.no_grad():
+        lin = model(tokens)
+        model.config.attention_impl = "quadratic"
+        quad = model(tokens)
+    torch.testing.assert_close(lin, quad, rtol=1e-3, atol=1e-3)
+    model.config.attention_impl = "linear"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1),
+                                                 tokens[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
