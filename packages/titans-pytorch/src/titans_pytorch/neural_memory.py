@@ -490,24 +490,23 @@ class NeuralMemory(nn.Module):
             sizes = [min(first, total)] + [batch_size] * max(0, (total - first) // batch_size)
             rest = total - sum(sizes)
             sizes = sizes + ([rest] if rest > 0 else [])
+        # everything that does not depend on the memory state is computed once for all complete chunks
+        n_total = total // c
+        hp_all = self._store_hparams(
+            store_seq[..., : n_total * c, :],
+            store_mask[:, : n_total * c] if store_mask is not None else None,
+            prev_weights,
+            first_row - prev_weights_first_row,
+        )
         segments, losses, lrs = [], [], []
-        offset = 0
+        chunk0 = 0
         for size in sizes:
-            part = store_seq[..., offset : offset + size, :]
             n_chunks = size // c
-            stored = part[..., : n_chunks * c, :]
-            mask = store_mask[:, offset : offset + n_chunks * c] if store_mask is not None else None
-            offset += size
-            segment, last_update, last_momentum, surprises = self._store(
-                stored,
-                weights,
-                last_update,
-                last_momentum,
-                seq_index,
-                prev_weights,
-                mask,
-                use_dual,
-                prev_weights_first_row,
+            hp = self._slice_hparams(hp_all, chunk0, chunk0 + n_chunks, n_total)
+            chunk0 += n_chunks
+            store = self._store_dual if use_dual else self._store_reference
+            segment, last_update, last_momentum, surprises = store(
+                hp, weights, last_update, last_momentum, seq_index // c
             )
             segments.append(segment)
             losses.append(surprises[0])
@@ -605,23 +604,22 @@ class NeuralMemory(nn.Module):
             self.scan_backend,
         )
 
-    def _store(
-        self,
-        seq,
-        weights,
-        last_update,
-        last_momentum,
-        seq_index,
-        prev_weights,
-        mask,
-        use_dual,
-        prev_first_row=0,
-    ):
-        first_row = seq_index // self.store_chunk_size
-        hp = self._store_hparams(seq, mask, prev_weights, first_row - prev_first_row)
-        if use_dual:
-            return self._store_dual(hp, weights, last_update, last_momentum, first_row)
-        return self._store_reference(hp, weights, last_update, last_momentum, first_row)
+    @staticmethod
+    def _slice_hparams(hp: dict, lo: int, hi: int, n_total: int) -> dict:
+        """The store inputs of chunks lo..hi-1 out of ``n_total`` (token axes hold items per chunk)."""
+        if (lo, hi) == (0, n_total):
+            return hp
+        per = hp["keys"].shape[1] // max(n_total, 1)
+        out = dict(hp, n_chunks=hi - lo)
+        for k in ("keys", "values", "lr"):
+            out[k] = hp[k][:, lo * per : hi * per]
+        out["decay"] = hp["decay"][:, lo:hi]
+        for k in ("eta", "combine", "layer_mod"):
+            if hp[k] is not None:
+                out[k] = hp[k][:, :, lo:hi]
+        if "residual" in hp:
+            out["residual"] = {k: w[:, lo:hi] for k, w in hp["residual"].items()}
+        return out
 
     def _dual_states(self, last_update, last_momentum) -> dict[str, Tensor]:
         """Carried states {name: [bh, S, ...]}: the last weights, then each momentum order."""
