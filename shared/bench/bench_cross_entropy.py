@@ -17,7 +17,7 @@ weight-sized terms (our float32 accumulator and the returned gradient), which le
 and the chunk buffer, not with V.
 
     python shared/bench/bench_cross_entropy.py [--tokens 16384] [--vocabs 8192 50257] [--dims 256 4096]
-    python shared/bench/bench_cross_entropy.py --sweep   # time our kernel over (BLOCK_V, num_warps)
+    python shared/bench/bench_cross_entropy.py --sweep   # time our kernel over (BLOCK_V, num_warps, grid)
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def bench_linear(do_bench, tokens: int, dim: int, vocab: int) -> dict:
 
 
 def sweep(do_bench, tokens: int, vocabs: list[int], bandwidth: float) -> list[dict]:
-    """Forward-with-gradient kernel time over (BLOCK_V, num_warps), aligned and unaligned rows."""
+    """Time of the forward-with-gradient kernel over (BLOCK_V, num_warps, programs); unaligned rows
+    at the default config."""
     from seqmem_shared.kernels.cross_entropy import triton as kernels
 
     out = []
@@ -168,24 +169,24 @@ def sweep(do_bench, tokens: int, vocabs: list[int], bandwidth: float) -> list[di
         scale = torch.ones((), device="cuda")
         floor_ms = 2 * tokens * vocab * 2 / (bandwidth * 1e9) * 1e3
         rows = []
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        default = kernels._config(vocab)
+        grid = [(block, warps, programs) for block in (1024, 2048, 4096, 8192) for warps in (4, 8, 16)
+                for programs in (None, 2 * sms, 4 * sms, 8 * sms) if block // (32 * warps) >= 2]
         for offset in (0, 1):  # offset 1: rows never 16-byte aligned (element-wise loads and stores)
             logits = flat[offset:offset + tokens * vocab].view(tokens, vocab)
             grad = torch.empty_like(flat)[offset:offset + tokens * vocab].view(tokens, vocab)
-            for block in (1024, 2048, 4096, 8192):
-                for warps in (4, 8, 16, 32):
-                    if block // (32 * warps) < 2 or (offset and block != 4096):
-                        continue
-                    run = functools.partial(kernels.launch, logits, target, lse=lse, loss=loss, grad=grad,
-                                            scale=scale, label_smoothing=SMOOTHING, ignore_index=-100,
-                                            block_v=block, num_warps=warps)
-                    try:
-                        ms = do_bench(run, warmup=10, rep=50, return_mode="median")
-                    except Exception as exc:  # noqa: BLE001 - e.g. out of resources for a config
-                        rows.append({"block_v": block, "warps": warps, "offset": offset, "error": _why(exc)})
-                        continue
-                    rows.append({"block_v": block, "warps": warps, "offset": offset, "ms": round(ms, 4),
-                                 "over_floor": round(ms / floor_ms, 3)})
-        default = kernels._config(vocab)
+            for block, warps, programs in grid if offset == 0 else [default]:
+                config = {"block_v": block, "warps": warps, "programs": programs, "offset": offset}
+                run = functools.partial(kernels.launch, logits, target, lse=lse, loss=loss, grad=grad,
+                                        scale=scale, label_smoothing=SMOOTHING, ignore_index=-100,
+                                        block_v=block, num_warps=warps, programs=programs)
+                try:
+                    ms = do_bench(run, warmup=10, rep=50, return_mode="median")
+                except Exception as exc:  # noqa: BLE001 - e.g. out of resources for a config
+                    rows.append(config | {"error": _why(exc)})
+                    continue
+                rows.append(config | {"ms": round(ms, 4), "over_floor": round(ms / floor_ms, 3)})
         out.append({"vocab": vocab, "tokens": tokens, "floor_ms": round(floor_ms, 4),
                     "default_config": default, "configs": sorted(rows, key=lambda r: r.get("ms", 1e9))})
         del flat
