@@ -28,7 +28,7 @@ def test_train_then_analyze_synthetic(tmp_path, capsys):
     analyze_main([str(weights), "--out", str(report), "--rules", str(out / "synthetic_rules.json"),
                   "--top_k", "5"])
     text = (report / "report.md").read_text()
-    for section in ("Direct path", "Attention heads", "Skip-trigrams", "Composition", "Bilinear MLPs",
+    for section in ("Bigrams", "Attention heads", "Skip-trigrams", "Composition", "Bilinear MLPs",
                     "Recovery of the planted rules"):
         assert section in text
     for png in ("direct_path", "ov_eigenvalues", "qk_positional_profile", "composition_scores",

@@ -18,14 +18,13 @@ from bilinear_toys.models import ToyTransformer
 
 
 def extended_direct_path(model: ToyTransformer) -> torch.Tensor:
-    """[V, V]: logits of the next token from the current token alone (attention to itself ignored):
-    ``(E + sum_l MLP_l(E)) U`` for the first MLP applied to the embeddings (weights only)."""
+    """[V, V]: next-token logits given only the current token (a one-token context), a function of the
+    weights alone. Besides ``W_E W_U`` (symmetric when tied, so it cannot hold an asymmetric bigram) it
+    includes each head attending to the current token itself with weight ``s(x, x)^2`` at offset 0 and
+    the MLPs: in a polynomial transformer this self-attention path is where bigrams live."""
     with torch.no_grad():
-        x = model.W_E
-        for block in model.blocks:
-            if block.mlp is not None:
-                x = x + block.mlp(x)
-        return x @ model.W_U
+        ids = torch.arange(model.config.vocab_size, device=model.W_E.device)
+        return torch.cat([model(chunk[:, None])[:, 0] for chunk in ids.split(1024)])
 
 
 def _pr(detected: set, planted: set) -> dict[str, float]:
@@ -49,24 +48,29 @@ def bigram_recovery(model: ToyTransformer, bigrams: list, z: float = 4.0) -> dic
 def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset: int = 16, z: float = 4.0,
                           layer: int = 0, dst_chunk: int = 32) -> dict[str, Any]:
     """Planted ``(A, B, C)`` vs entries ``T[dst=B, src=A, out=C]`` of the offset-averaged full circuit
-    (centered over ``src``); two passes over the slices (statistics, then thresholding)."""
+    (centered over ``src``, copying entries ``out == src`` excluded: those are induction-like copying, not
+    skip-trigrams); two passes over the slices (statistics, then thresholding)."""
     offsets = range(1, max_offset + 1)
     n = total = total_sq = 0.0
+
     for _, t in C.full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer):
         t = (t - t.mean(dim=1, keepdim=True)).double()
-        n += t.numel()
-        total += float(t.sum())
-        total_sq += float(t.square().sum())
+        keep = ~torch.eye(t.shape[1], dtype=torch.bool, device=t.device)[None].expand_as(t)
+        n += float(keep.sum())
+        total += float(t[keep].sum())
+        total_sq += float(t[keep].square().sum())
     mean = total / n
     std = max(total_sq / n - mean**2, 0.0) ** 0.5
     detected: set[tuple[int, int, int]] = set()
     for ids, t in C.full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer):
         t = t - t.mean(dim=1, keepdim=True)
         for d, a, c in (t > mean + z * std).nonzero().tolist():
-            detected.add((a, int(ids[d]), c))
+            if a != c:
+                detected.add((a, int(ids[d]), c))
     planted = {tuple(map(int, x)) for x in skip_trigrams}
     top = {(a, b, c) for a, b, c, _ in C.top_skip_trigrams(model, k=len(planted), offsets=offsets,
-                                                           dst_chunk=dst_chunk, layer=layer)}
+                                                           dst_chunk=dst_chunk, layer=layer,
+                                                           exclude_copying=True)}
     return {**_pr(detected, planted), "recall_at_k": len(top & planted) / max(len(planted), 1)}
 
 

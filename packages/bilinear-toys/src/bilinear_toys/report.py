@@ -81,7 +81,7 @@ def write_report(model: ToyTransformer, out_dir: str | Path, top_k: int = 20, ma
            f"RoPE {cfg.use_rope}. Every number below is computed from the weights, except the behavioural "
            "head scores (repeated random tokens).")
 
-    r.heading("Direct path (bigrams)")
+    r.heading("Bigrams: next-token logits from a one-token context (direct + self-attention + MLP)")
     d = extended_direct_path(model).float()
     s = d - d.mean(dim=1, keepdim=True)
     vals, idx = s.flatten().topk(min(top_k, s.numel()))

@@ -123,15 +123,19 @@ def full_circuit_slices(model: ToyTransformer, heads: Iterable[int] | None = Non
 
 
 def top_skip_trigrams(model: ToyTransformer, k: int = 100, offsets: Offsets = None, center: bool = True,
-                      dst_chunk: int = 64, layer: int = 0) -> list[tuple[int, int, int, float]]:
+                      dst_chunk: int = 64, layer: int = 0, exclude_copying: bool = False
+                      ) -> list[tuple[int, int, int, float]]:
     """The ``k`` largest entries of the full circuit as skip-trigrams ``(src A, dst B, out C, score)``:
     "A earlier in the context, B now -> C next". ``center`` subtracts, per (dst, out), the mean over
-    ``src`` (effects that do not depend on which token is attended)."""
+    ``src`` (effects that do not depend on which token is attended); ``exclude_copying`` drops
+    ``C == A`` (a head copying what it attends to)."""
     best_vals = torch.empty(0)
     best_idx = torch.empty(0, 3, dtype=torch.long)
     v = model.config.vocab_size
     for ids, t in full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer):
         t = t - t.mean(dim=1, keepdim=True) if center else t
+        if exclude_copying:
+            t = t.masked_fill(torch.eye(v, dtype=torch.bool, device=t.device), float("-inf"))
         vals, flat = t.flatten().float().cpu().topk(min(k, t.numel()))
         d, rest = flat // (v * v), flat % (v * v)
         idx = torch.stack([rest // v, ids.cpu()[d], rest % v], dim=1)
