@@ -36,7 +36,13 @@ from .ops.mlp_memory import (
     mlp_dual_retrieve,
     mlp_store_grads,
 )
-from .ops.surprise import momentum_decay_recurrence, newtonschulz5, softclamp_factor, softclamp_max
+from .ops.surprise import (
+    momentum_decay_recurrence,
+    newtonschulz5,
+    recurrence_coefficients,
+    softclamp_factor,
+    softclamp_max,
+)
 
 __all__ = [
     "AssocScan",
@@ -729,14 +735,17 @@ class NeuralMemory(nn.Module):
             if hp["layer_mod"] is not None:
                 f = f * hp["layer_mod"][self.memory_model_parameter_names.index(k)]
             factors[k] = f
-        # recurrence on a basis: columns 0..N-1 = chunk surprises, N = last weights, N+1+o = momenta
-        size = n_chunks + 1 + orders
-        # (in fp32 whatever the autocast dtype: these products of gates are shared by every weight)
-        eye = torch.eye(size, device=keys.device, dtype=torch.promote_types(keys.dtype, torch.float32))
-        basis = eye[:n_chunks].unsqueeze(0).expand(bh, n_chunks, size)
-        prev_mom = eye[n_chunks + 1 :].unsqueeze(1).expand(orders, bh, size) if orders else None
-        gates = {k: (v.to(eye.dtype) if isinstance(v, Tensor) else v) for k, v in hp.items()}
-        rows_c, mom_c = self._recurrence(basis, eye[n_chunks].expand(bh, size), prev_mom, gates, False)
+        # closed-form recurrence on a basis: columns 0..N-1 = chunk surprises, N = last weights,
+        # N+1+o = momenta (in fp32 whatever the autocast dtype: products of gates shared by every weight)
+        dtype = torch.promote_types(keys.dtype, torch.float32)
+        as_float = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
+        rows_c, mom_c = recurrence_coefficients(
+            n_chunks,
+            as_float(hp["decay"]),
+            as_float(hp["eta"]),
+            as_float(hp["combine"]),
+            self.learned_combine_include_zeroth,
+        )
         # rows_c [bh, N+1, size]: row r = sum_m rows_c[r, m] u_m + rows_c[r, N] W + sum_o rows_c[r, N+1+o] S_o
         coef = torch.cat((rows_c[..., n_chunks : n_chunks + 1], rows_c[..., n_chunks + 1 :]), dim=-1)
         chunk_of_token = torch.arange(t, device=keys.device) // cu
@@ -759,19 +768,15 @@ class NeuralMemory(nn.Module):
             i = mat_names.index(k)
             return dual_materialize(row_state, states[k], inputs[i], deltas[i], kap)
 
-        next_update = {k: materialize(k, rows_c[:, -1:, :n_chunks], coef[:, -1:])[:, 0] for k in names}
-        next_momentum = None
-        if orders:
-            mcoef = torch.cat((mom_c[..., n_chunks : n_chunks + 1], mom_c[..., n_chunks + 1 :]), dim=-1)
-            next_momentum = {
-                k: torch.stack(
-                    [
-                        materialize(k, mom_c[o].unsqueeze(1)[..., :n_chunks], mcoef[o].unsqueeze(1))[:, 0]
-                        for o in range(orders)
-                    ]
-                )
-                for k in names
-            }
+        # end-of-split weights and momenta, materialised together and only when read (a following split
+        # or the caller's next call reads them; a training forward that drops the state never does)
+        end_rows = rows_c[:, -1:] if not orders else torch.cat((rows_c[:, -1:], mom_c.transpose(0, 1)), dim=1)
+        end_coef = torch.cat((end_rows[..., n_chunks : n_chunks + 1], end_rows[..., n_chunks + 1 :]), dim=-1)
+        ends = LazyUpdates(lambda: {k: materialize(k, end_rows[..., :n_chunks], end_coef) for k in names})
+        next_update = LazyUpdates(lambda: {k: v[:, 0] for k, v in ends.items()})
+        next_momentum = (
+            LazyUpdates(lambda: {k: v[:, 1:].transpose(0, 1) for k, v in ends.items()}) if orders else None
+        )
         dual = dict(coef=coef, states=states, tokens=tokens, materialize=materialize, rows_c=rows_c)
         return (
             _Segment(first_row, n_chunks, dual=dual),

@@ -91,3 +91,50 @@ def momentum_decay_recurrence(
         update = newtonschulz5(update)
     weights = assoc_scan(_gate(1.0 - decay, update), update, last_update, backend=scan_backend)
     return torch.cat((last_update.unsqueeze(1), weights), dim=1), next_momentum
+
+
+def segment_products(gates: Tensor) -> tuple[Tensor, Tensor]:
+    """For gates a [bh, n]: (P [bh, n, n] with ``P[m, j] = prod_{j < i <= m} a_i`` for j <= m else 0,
+    v [bh, n] with ``v[m] = prod_{i <= m} a_i``), via log-space cumulative sums (gates in (0, 1])."""
+    logs = torch.cumsum(torch.log(gates.clamp(min=1e-30)), dim=-1)
+    diff = logs.unsqueeze(-1) - logs.unsqueeze(-2)
+    causal = torch.ones(gates.shape[-1], gates.shape[-1], dtype=torch.bool, device=gates.device).tril()
+    return torch.where(causal, diff, float("-inf")).exp(), logs.exp()
+
+
+def recurrence_coefficients(
+    num_chunks: int,
+    decay: Tensor,
+    momentum_gates: Tensor | None = None,
+    combine: Tensor | None = None,
+    combine_include_zeroth: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`momentum_decay_recurrence` (without spectral norm) in closed form, on the coefficient basis.
+
+    Basis columns: 0..N-1 the chunk surprises, N the carried weights, N+1+o the carried momentum of order
+    o. Returns (rows [bh, N + 1, K]: weights before/after each chunk, momenta [o, bh, K] after the last
+    chunk) such that ``W_r = sum_k rows[r, k] basis_k``. Gates: decay [bh, N(, 1)], momentum_gates
+    [o, bh, N(, 1)], combine [o', bh, N].
+    """
+    n = num_chunks
+    decay = decay.reshape(decay.shape[0], n)
+    bh, orders = decay.shape[0], 0 if momentum_gates is None else momentum_gates.shape[0]
+    size = n + 1 + orders
+    eye = torch.eye(size, dtype=decay.dtype, device=decay.device)
+    surprises = eye[:n].expand(bh, n, size)  # chunk m's surprise is basis column m
+    update, momenta = surprises, None
+    if orders:
+        mom, per_order = surprises, []
+        for o in range(orders):
+            p, v = segment_products(momentum_gates[o].reshape(bh, n))
+            mom = p @ mom + v.unsqueeze(-1) * eye[n + 1 + o]
+            per_order.append(mom)
+        momenta = torch.stack([m[:, -1] for m in per_order])
+        if combine is None:
+            update = per_order[-1]
+        else:
+            stacked = torch.stack(([surprises] if combine_include_zeroth else []) + per_order)
+            update = (stacked * combine.unsqueeze(-1)).sum(0)
+    p, v = segment_products(1.0 - decay)
+    rows = p @ update + v.unsqueeze(-1) * eye[n]
+    return torch.cat((eye[n].expand(bh, 1, size), rows), dim=1), momenta
