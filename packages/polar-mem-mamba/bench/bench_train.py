@@ -19,7 +19,7 @@ from polar_mem_mamba.ops.ssd import load_chunk_scan, ssd_backend
 from polar_mem_mamba.train import build_model, load_config, mqar_loss
 
 
-def measure(config: Config, device: torch.device, steps: int, warmup: int) -> dict[str, float | str]:
+def measure(config: Config, device: torch.device, steps: int, warmup: int) -> dict[str, float | str | None]:
     """Time ``steps`` full training steps (forward, backward, clip, AdamW) after ``warmup`` steps."""
     model = build_model(config, device=device)
     fused = device.type == "cuda"
@@ -53,8 +53,7 @@ def measure(config: Config, device: torch.device, steps: int, warmup: int) -> di
     return {
         "examples_per_s": config.batch_size * steps / seconds,
         "step_ms": 1000 * seconds / steps,
-        "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-                            else float("nan")),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "ssd": ssd_backend(config.backend, probe),
     }
 

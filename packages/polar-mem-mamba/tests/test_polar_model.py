@@ -118,6 +118,8 @@ def test_memory_pool_retrieval_reads_only_visible_entries_and_trains_the_scores(
     later = MemoryPoolState(state.pool.clone(), state.priorities, state.positions)
     later.pool[:, 5] += 10.0
     torch.testing.assert_close(pool.retrieve(y, later)[:, :5], out[:, :5])
+    assert torch.equal(pool(y, state), y), "a fresh pool (out_proj = 0) must start as the identity"
+    torch.nn.init.normal_(pool.out_proj.weight)
     pool(y, state).sum().backward()
     assert pool.score_proj.weight.grad is not None and pool.score_proj.weight.grad.abs().sum() > 0
     assert pool.out_gate.weight.grad.abs().sum() > 0

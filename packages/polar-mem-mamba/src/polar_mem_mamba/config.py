@@ -188,7 +188,7 @@ class Config:
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             _fail("n_heads", f"a divisor of d_model={self.d_model} giving an even head size", self.n_heads)
         bad = [i for i in self.cross_attn_layers if i >= self.decoder_layers]
-        if bad:
+        if bad and self.arch.cross_attention:
             _fail("cross_attn_layers", f"layer indices in [0, decoder_layers={self.decoder_layers})",
                   list(self.cross_attn_layers))
         if self.warmup_steps > self.max_steps:

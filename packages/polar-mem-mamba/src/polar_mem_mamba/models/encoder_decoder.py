@@ -5,7 +5,9 @@ Data flow (MQAR): the encoder reads ``[BOS k1 v1 ... kN vN EOS]`` bidirectionall
 the stream ``[encoder_out ; embed(BOS q1 ... qM)]`` left to right, so its recurrent state is the
 path by which the pairs reach the queries (that is where the capacity cliff lives), plus the memory
 pool and GSA cross-attention where the architecture has them. Logits are returned for the decoder
-positions only. Token embeddings are shared by encoder and decoder and tied to the output head.
+positions only. Token embeddings are shared by encoder and decoder; the output head is separate (a
+head tied to the embeddings makes "answer with some value from the context" a strong shortcut, and
+training stalls on it).
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class HybridMambaEncoderDecoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.encoder = Encoder(config, device=device, dtype=dtype)
         self.decoder = Decoder(config, device=device, dtype=dtype)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False, device=device, dtype=dtype)
 
     def encode(self, encoder_ids: torch.Tensor) -> torch.Tensor:
         """encoder_ids [B, S] -> encoder_out [B, S, d_model]."""
@@ -137,9 +140,8 @@ class HybridMambaEncoderDecoder(nn.Module):
         return self.decoder(stream, encoder_out)[:, encoder_ids.shape[1]:]
 
     def forward(self, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
-        """encoder_ids [B, S], decoder_ids [B, M] -> logits [B, M, vocab_size] (head tied to embed)."""
-        h = self.hidden_states(encoder_ids, decoder_ids)
-        return h @ self.embed.weight.to(h.dtype).T
+        """encoder_ids [B, S], decoder_ids [B, M] -> logits [B, M, vocab_size]."""
+        return self.head(self.hidden_states(encoder_ids, decoder_ids))
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype not in (torch.long, torch.int32):

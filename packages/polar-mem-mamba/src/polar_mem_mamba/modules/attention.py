@@ -77,6 +77,7 @@ class GatedShortcutAttention(nn.Module):
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False, **factory)
         self.out = nn.Linear(d_model, d_model, bias=False, **factory)
         self.gate = nn.Linear(2 * d_model, d_model, bias=True, **factory)
+        nn.init.zeros_(self.out.weight)  # starts as the identity; training opens the cross-attention
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, encoder_out: torch.Tensor) -> torch.Tensor:
         h = self.norm(torch.cat([x, x0], dim=-1))

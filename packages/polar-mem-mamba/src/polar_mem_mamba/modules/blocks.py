@@ -51,9 +51,11 @@ class PolarizedMemBlock(nn.Module):
 
     ``zero_proj`` is the A=0 channel (no memory: the current token only) and the cumulative sum the
     A=1 channel (no decay: perfect memory of everything so far; summed in fp32 and read out scaled by
-    ``1/sqrt(t+1)`` so its size stays O(1) on long streams). With ``pool_size > 0`` the block has its
-    own :class:`MemoryPool` (read/write weights) over the pool state shared by the decoder's layers: it
-    writes ``y`` into the pool when ``writes`` is set, then reads it: ``memory(y, state)``. Causal in L.
+    ``1/sqrt(t+1)`` so its size stays O(1) on long streams). The fusion weights of the two polarized
+    channels start at zero, so training opens them from a plain Mamba block. With ``pool_size > 0`` the
+    block has its own :class:`MemoryPool` (read/write weights) over the pool state shared by the
+    decoder's layers: it writes ``y`` into the pool when ``writes`` is set, then reads it:
+    ``memory(y, state)``. Causal in L.
     """
 
     def __init__(self, d_model: int, pool_size: int = 0, summary_dim: int = 64, writes: bool = False,
@@ -66,6 +68,8 @@ class PolarizedMemBlock(nn.Module):
         self.zero_proj = nn.Linear(d_model, d_inner, bias=False, **factory)
         self.one_proj = nn.Linear(d_model, d_inner, bias=False, **factory)
         self.fusion = nn.Linear(d_model + 2 * d_inner, d_model, bias=False, **factory)
+        with torch.no_grad():  # the polarized channels start closed: at init the block is a Mamba block
+            self.fusion.weight[:, d_model:].zero_()
         self.memory = (MemoryPool(d_model, pool_size, summary_dim, writes, **factory) if pool_size > 0
                        else None)
 

@@ -88,6 +88,7 @@ class MemoryPool(nn.Module):
         self.v_proj = nn.Linear(summary_dim, d_model, bias=False, **factory)
         self.out_proj = nn.Linear(2 * d_model, d_model, bias=False, **factory)
         self.out_gate = nn.Linear(d_model, d_model, bias=True, **factory)
+        nn.init.zeros_(self.out_proj.weight)  # starts as the identity; training opens the read path
 
     def write(self, y: torch.Tensor, state: MemoryPoolState) -> MemoryPoolState:
         if not self.writes:
