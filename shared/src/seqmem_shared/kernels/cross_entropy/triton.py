@@ -1,34 +1,37 @@
 """Triton cross-entropy: the loss and d loss / d logits from two sweeps over each row of logits.
 
-One program owns one row of ``V`` logits. Sweep 1 reads the row once, keeping a running maximum, the
-sum of ``exp(x - max)`` and the sum of the logits (for label smoothing); with the target logit this gives
-the loss. Sweep 2 goes over the row again, in reverse tile order so that the tiles read last, still in
-L2, come first, and writes the gradient
+One program owns one row of ``V`` logits at a time. Sweep 1 reads the row once and keeps, per lane, a
+running maximum and sum of ``exp(x - max)`` (one exponential per element, no cross-warp reduction
+inside the loop) and the sum of the logits (for label smoothing); with the target logit this gives the
+loss. Sweep 2 goes over the row again, in reverse order so that the bytes read last, still in L2, come
+first, and writes the gradient
 
     d loss / d x_c = scale * (softmax(x)_c - (1 - eps) * [c == target] - eps / V)
 
 (``scale`` = 1 / non-ignored rows for ``"mean"``). Since ``loss.backward()`` needs this gradient anyway,
-the forward writes it and the backward returns it untouched when ``grad_output == 1`` (checking that
-costs one host sync; other values scale it in place). HBM traffic for ``N`` rows of ``b``-byte logits:
+the forward writes it; the backward multiplies it in place by ``grad_output`` with a kernel that reads
+``grad_output`` on the device and returns at once when it is 1 (no host sync, graph-capturable).
+HBM traffic for ``N`` rows of ``b``-byte logits, forward + backward with ``grad_output == 1``:
 
-    forward + backward: read N V b (sweep 1) + write N V b (gradient) + the sweep-2 re-read, which
-    hits L2 for the most part (3 N V b if it never did). The floor is 2 N V b.
+    read N V b (sweep 1) + write N V b (gradient) + the sweep-2 re-read, which costs nothing where it
+    hits L2 and N V b where it misses. The floor is 2 N V b.
 
 ``reduction="none"`` cannot precompute the gradient (its ``grad_output`` is per row): its forward only
-runs sweep 1 and saves the log-sum-exp, its backward runs sweep 2 alone.
+runs sweep 1 and saves the log-sum-exp, its backward runs sweep 2 alone (read + write, 2 N V b).
 
-Rows of odd length (V = 50257) start at addresses that are not 16-byte aligned. Sweep 1 therefore
-reads whole aligned 16-byte vectors around the row (never beyond the 16-byte block holding the row's
-last element, so never outside the allocation) and drops the neighbours' elements in registers;
-sweep 2 stores the aligned interior of the row with vector stores and the < 16 bytes at each end with
-element stores.
+Rows of odd length (V = 50257) start at addresses that are not 16-byte aligned: both sweeps move the
+row's aligned interior in whole 16-byte vectors (unmasked except in the last partial tile) and the
+< 16 bytes at each end element by element.
 
-``linear_cross_entropy`` runs, per chunk of tokens, ``logits = h @ W.T (+ b)`` with cuBLAS, the kernel
-above with the gradient written over the logits, then ``grad_h = dlogits @ W`` and
-``grad_W += dlogits.T @ h`` (float32 accumulator): the chunk buffer is the only ``V``-sized activation.
+``linear_cross_entropy`` runs, per chunk of tokens, ``logits = h @ W.T (+ b)`` with cuBLAS into a buffer
+whose rows are padded to 64 elements (aligned rows for cuBLAS whatever V), the kernel above with the
+gradient written over the logits, then ``grad_h = dlogits @ W`` and ``grad_W += dlogits.T @ h`` (float32
+accumulator): the chunk buffer is the only ``V``-sized activation.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -66,7 +69,7 @@ def _online_softmax(x, m, s):
 
 
 @triton.jit
-def _row_stats(logits_ptr, base, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+def _row_stats(logits_ptr, base, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr, NUM_STAGES: tl.constexpr):
     """(log-sum-exp, sum) of the row at elements [base, base + V)."""
     cols = tl.arange(0, BLOCK_V)
     lo, hi = _interior(base, V, VEC)
@@ -74,7 +77,7 @@ def _row_stats(logits_ptr, base, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     s = tl.zeros([BLOCK_V], tl.float32)
     sx = tl.zeros([BLOCK_V], tl.float32)
     n_full = (hi - lo) // BLOCK_V
-    for k in range(n_full):  # whole tiles: unmasked vector loads
+    for k in tl.range(n_full, num_stages=NUM_STAGES):  # whole tiles: unmasked vector loads
         x = tl.load(logits_ptr + lo + k * BLOCK_V + cols).to(tl.float32)
         m, s = _online_softmax(x, m, s)
         sx += x
@@ -99,18 +102,20 @@ def _grad(x, lse2, scale, uniform):
 @triton.jit
 def _cross_entropy_kernel(
     logits_ptr, grad_ptr, target_ptr, loss_ptr, lse_ptr, scale_ptr,
-    scale_stride, N, V, ignore_index, label_smoothing,
+    scale_stride, N, V, stride, ignore_index, label_smoothing,
     COMPUTE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    """Rows ``pid, pid + programs, ...`` of contiguous logits ``[N, V]``: the loss and log-sum-exp
-    (COMPUTE_STATS; else the log-sum-exp is read from ``lse_ptr``) and the gradient times the row's
-    scale into ``grad_ptr`` (WRITE_GRAD; it may be ``logits_ptr``). Ignored rows read nothing and get
-    loss 0 and gradient 0; an out-of-range target gives a NaN loss and no one-hot term."""
+    """Rows ``pid, pid + programs, ...`` of logits ``[N, V]`` with row stride ``stride`` (the gradient's
+    too): the loss and log-sum-exp (COMPUTE_STATS; else the log-sum-exp is read from ``lse_ptr``) and
+    the gradient times the row's scale into ``grad_ptr`` (WRITE_GRAD; it may be ``logits_ptr``). Ignored
+    rows read nothing and get loss 0 and gradient 0; an out-of-range target gives a NaN loss and no
+    one-hot term."""
     cols = tl.arange(0, BLOCK_V)
     first, step = tl.program_id(0).to(tl.int64), tl.num_programs(0)
     for i in range(tl.cdiv(N - first, step)):
         row = first + i * step
-        base = row * V
+        base = row * stride
         target = tl.load(target_ptr + row).to(tl.int64)
         live = target != ignore_index
         hit = live & (target >= 0) & (target < V)
@@ -119,7 +124,7 @@ def _cross_entropy_kernel(
             lse = tl.full([], 0.0, tl.float32)
             sum_x = tl.full([], 0.0, tl.float32)
             if live:
-                lse, sum_x = _row_stats(logits_ptr, base, V, BLOCK_V, VEC)
+                lse, sum_x = _row_stats(logits_ptr, base, V, BLOCK_V, VEC, NUM_STAGES)
             loss = (1.0 - label_smoothing) * (lse - x_t) + label_smoothing * (lse - sum_x / V)
             tl.store(loss_ptr + row, tl.where(live, loss, 0.0))
             tl.store(lse_ptr + row, lse)
@@ -141,7 +146,7 @@ def _cross_entropy_kernel(
             x = tl.load(logits_ptr + offs, mask=tl.where(live, offs < hi, False), other=0.0).to(tl.float32)
             tl.store(grad_ptr + offs, _grad(x, lse2, scale, uniform).to(dtype), mask=offs < hi)
             reads = tl.where(live, cols >= 0, False)  # an ignored row reads nothing and stores zeros
-            for k in range(n_full):
+            for k in tl.range(n_full, num_stages=NUM_STAGES):
                 offs = lo + (n_full - 1 - k) * BLOCK_V + cols
                 x = tl.load(logits_ptr + offs, mask=reads, other=0.0).to(tl.float32)
                 tl.store(grad_ptr + offs, _grad(x, lse2, scale, uniform).to(dtype))
@@ -151,10 +156,35 @@ def _cross_entropy_kernel(
                 tl.store(grad_ptr + base + target, g_t.to(dtype))
 
 
-def _config(vocab_size: int) -> tuple[int, int, int | None]:
-    """(BLOCK_V, num_warps, programs or None for one per row) for rows of ``vocab_size`` logits."""
+@triton.jit
+def _scale_kernel(x_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
+    """``x *= factor`` in place; no memory traffic when ``factor == 1`` (the usual ``loss.backward()``)."""
+    factor = tl.load(factor_ptr).to(tl.float32)
+    if factor != 1.0:
+        first, step = tl.program_id(0).to(tl.int64), tl.num_programs(0)
+        cols = tl.arange(0, BLOCK)
+        for i in range(tl.cdiv(tl.cdiv(numel, BLOCK) - first, step)):
+            offs = (first + i * step) * BLOCK + cols
+            x = tl.load(x_ptr + offs, mask=offs < numel).to(tl.float32)
+            tl.store(x_ptr + offs, (x * factor).to(x_ptr.dtype.element_ty), mask=offs < numel)
+
+
+def _config(vocab_size: int) -> tuple[int, int, int, int | None]:
+    """(BLOCK_V, num_warps, num_stages, programs or None for one per row) for rows of ``vocab_size``."""
     block = min(4096, max(16, triton.next_power_of_2(vocab_size)))
-    return block, (4 if block <= 1024 else 8 if block <= 2048 else 16), None
+    return block, (4 if block <= 1024 else 8), 1, None
+
+
+@functools.cache
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def scale_in_place(x: torch.Tensor, factor: torch.Tensor) -> None:
+    """``x *= factor`` for contiguous ``x`` and a one-element ``factor`` on its device; no host sync."""
+    block = 4096
+    grid = max(1, min(triton.cdiv(x.numel(), block), 8 * _processors(x.device)))
+    _scale_kernel[(grid,)](x, factor, x.numel(), BLOCK=block, num_warps=8)
 
 
 def launch(
@@ -169,20 +199,25 @@ def launch(
     ignore_index: int,
     block_v: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
     programs: int | None = None,
 ) -> None:
-    """Run the kernel on contiguous ``logits [N, V]`` and ``target [N]``.
+    """Run the kernel on ``logits [N, V]`` (unit column stride) and ``target [N]``.
 
     ``loss [N]`` given: compute the per-row loss and write ``lse [N]``; else read ``lse``.
-    ``grad [N, V]`` given (contiguous, may be ``logits``): write the gradient times ``scale``
-    (float32, a single value or one per row). ``block_v``, ``num_warps`` and ``programs`` (a grid
-    smaller than N makes each program loop over rows) override the defaults of :func:`_config`.
+    ``grad [N, V]`` given (strides of ``logits``; it may be ``logits``): write the gradient times ``scale``
+    (float32, a single value or one per row). ``block_v``, ``num_warps``, ``num_stages`` and ``programs``
+    (a grid smaller than N makes each program loop over rows) override the defaults of :func:`_config`.
     """
     n_rows, vocab_size = logits.shape
     if n_rows == 0:
         return
-    block, warps, grid = _config(vocab_size)
-    block, warps, grid = block_v or block, num_warps or warps, programs or grid or n_rows
+    if logits.stride(1) != 1 or (grad is not None and grad.stride() != logits.stride()):
+        raise ValueError(f"logits: expected unit column stride (and grad with the same strides), "
+                         f"got strides {logits.stride()}")
+    block, warps, stages, grid = _config(vocab_size)
+    block, warps = block_v or block, num_warps or warps
+    stages, grid = num_stages or stages, programs or grid or n_rows
     aligned = logits.data_ptr() % 16 == 0 and (grad is None or grad.data_ptr() % 16 == 0)
     vec = 16 // logits.element_size() if aligned else 1
     if block < vec:
@@ -190,9 +225,9 @@ def launch(
     scale_stride = 0 if scale is None or scale.numel() == 1 else scale.stride(0)
     _cross_entropy_kernel[(min(grid, n_rows),)](
         logits, logits if grad is None else grad, target, lse if loss is None else loss, lse,
-        lse if scale is None else scale, scale_stride, n_rows, vocab_size, ignore_index,
+        lse if scale is None else scale, scale_stride, n_rows, vocab_size, logits.stride(0), ignore_index,
         float(label_smoothing), COMPUTE_STATS=loss is not None, WRITE_GRAD=grad is not None,
-        BLOCK_V=block, VEC=vec, num_warps=warps,
+        BLOCK_V=block, VEC=vec, NUM_STAGES=stages, num_warps=warps,
     )
 
 
@@ -211,13 +246,6 @@ def _reduce(loss_rows: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> t
     return total / n_valid if reduction == "mean" else total
 
 
-def _is_one(grad_output: torch.Tensor) -> bool:
-    """Whether a scalar ``grad_output`` is exactly 1 (one host sync; False while capturing a graph)."""
-    if grad_output.numel() != 1 or (grad_output.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return False
-    return grad_output.item() == 1.0
-
-
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, label_smoothing, ignore_index, reduction, inplace_backward, block_v):
@@ -229,7 +257,8 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.args = (label_smoothing, ignore_index, block_v, inplace_backward)
         ctx.precomputed = ctx.needs_input_grad[0] and reduction != "none"
         if ctx.precomputed:
-            grad = logits if inplace_backward else torch.empty_like(logits)
+            # detach(): the same storage under another tensor, which autograd may hand to a leaf's .grad
+            grad = logits.detach() if inplace_backward else torch.empty_like(logits)
             launch(logits, target, lse=lse, loss=loss_rows, grad=grad, scale=scale,
                    label_smoothing=label_smoothing, ignore_index=ignore_index, block_v=block_v)
             if inplace_backward:
@@ -246,12 +275,12 @@ class _CrossEntropy(torch.autograd.Function):
         label_smoothing, ignore_index, block_v, inplace_backward = ctx.args
         if ctx.precomputed:
             (grad,) = ctx.saved_tensors
-            if not _is_one(grad_output):
-                # In place: a second backward through a retained graph then fails autograd's version check.
-                grad.mul_(grad_output)
+            scale_in_place(grad, grad_output.float())
+            # A second backward through a retained graph would scale twice: make autograd refuse it.
+            torch.autograd.graph.increment_version(grad)
             return grad, None, None, None, None, None, None
         logits, target, lse = ctx.saved_tensors
-        grad = logits if inplace_backward else torch.empty_like(logits)
+        grad = logits.detach() if inplace_backward else torch.empty_like(logits)
         launch(logits, target, lse=lse, loss=None, grad=grad, scale=grad_output.float().contiguous(),
                label_smoothing=label_smoothing, ignore_index=ignore_index, block_v=block_v)
         return grad, None, None, None, None, None, None
@@ -356,7 +385,8 @@ def _project_chunks(hidden, weight, bias, target, needs, dtype, chunk_size, bloc
     need_b = need_b and b is not None
     grad_b = torch.zeros(vocab_size, dtype=torch.float32, device=w.device) if need_b else None
     step = chunk_rows(n_rows, vocab_size, chunk_size)
-    buffer = torch.empty(step, vocab_size, dtype=dtype, device=h.device)
+    # Rows padded to 64 elements: cuBLAS and the kernel get 16-byte-aligned rows for any V.
+    buffer = torch.empty(step, triton.cdiv(vocab_size, 64) * 64, dtype=dtype, device=h.device)[:, :vocab_size]
     write_grad = need_h or need_w or need_b
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
