@@ -17,8 +17,8 @@ def test_attention_only_2l_learns_induction():
     torch.manual_seed(0)
     model = ToyTransformer(ModelConfig("attention_only_2L", vocab_size=vocab, d_model=32, n_head=2,
                                        n_ctx=2 * half + 1, init="unit"))
-    opt = build_optimizer(model, name="muon", lr=2e-2, weight_decay=0.0)
-    for step in range(130):
+    opt = build_optimizer(model, name="muon", lr=3e-2, weight_decay=0.0)
+    for step in range(90):
         x = repeated_random_tokens(vocab, half, 32, seed=step, bos=0)
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad()
