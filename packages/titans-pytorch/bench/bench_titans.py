@@ -123,14 +123,16 @@ def _mac_kwargs(full: bool, use_accelerated_scan: bool, on_cuda: bool) -> dict:
     return kwargs
 
 
-def bench_mac(side: str, device: str, quick: bool, full: bool) -> dict:
+def bench_mac(side: str, device: str, quick: bool, full: bool, accel_scan: bool = False) -> dict:
     import importlib.util
 
     import torch
     from titans_pytorch import MemoryAsContextTransformer
 
     torch.manual_seed(0)
-    accel = device == "cuda" and importlib.util.find_spec("accelerated_scan") is not None
+    # the peer's accelerated path also imports accelerated-scan's CUDA ``warp`` extension (JIT-compiled
+    # with nvcc on import), so it is opt-in; our dual engine does not use a scan at all
+    accel = accel_scan and device == "cuda" and importlib.util.find_spec("accelerated_scan") is not None
     model = MemoryAsContextTransformer(**_mac_kwargs(full, accel, device == "cuda")).to(device)
     # titans-pytorch's per-head memory weights are expanded views of one storage, which in-place optimizer
     # updates reject; give each its own storage (speed is unaffected, and it is what training needs)
@@ -183,8 +185,8 @@ def worker(args) -> None:
         res["gpu"] = torch.cuda.get_device_name()
     for name, fn in (
         ("neural_memory", lambda: bench_neural_memory(args.worker, device, args.quick, exchange)),
-        ("mac_train", lambda: bench_mac(args.worker, device, args.quick, False)),
-        ("mac_train_full", lambda: bench_mac(args.worker, device, args.quick, True)),
+        ("mac_train", lambda: bench_mac(args.worker, device, args.quick, False, args.accelerated_scan)),
+        ("mac_train_full", lambda: bench_mac(args.worker, device, args.quick, True, args.accelerated_scan)),
     ):
         if name == "mac_train_full" and not args.full_mac:
             continue
@@ -210,6 +212,7 @@ def run_side(side: str, args, exchange: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--exchange", exchange]
     cmd += ["--quick"] if args.quick else []
     cmd += ["--full-mac"] if args.full_mac else []
+    cmd += ["--accelerated-scan"] if args.accelerated_scan else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -225,6 +228,11 @@ def main() -> None:
     p.add_argument("--only", choices=("ours", "peer", "both"), default="both")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--full-mac", action="store_true", help="also the peer's train_mac.py defaults")
+    p.add_argument(
+        "--accelerated-scan",
+        action="store_true",
+        help="use_accelerated_scan=True in the MAC memories (the peer then JIT-builds its CUDA warp scan)",
+    )
     p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
     p.add_argument("--exchange", help=argparse.SUPPRESS)
     args = p.parse_args()
