@@ -31,7 +31,9 @@ class Architecture:
     ``mixer``: token mixer of both stacks ("mamba2" or "attention"). ``encoder_attention``: bidirectional
     attention layers at ``n // 2`` and ``n - 1`` of the encoder. ``polarized``: decoder blocks fuse the
     A=0 / A=1 channels. ``memory_pool``: decoder blocks read/write the cross-layer memory pool.
-    ``cross_attention``: GSA cross-attention at ``Config.cross_attn_layers``.
+    ``cross_attention``: GSA cross-attention at ``Config.cross_attn_layers``; the decoder then reads the
+    encoder only through it. Without it the decoder reads the encoder output as a prefix of its stream
+    (:attr:`encoder_prefix`), so the recurrent state is the path from the pairs to the queries.
     """
 
     mixer: str
@@ -40,6 +42,10 @@ class Architecture:
     memory_pool: bool = False
     cross_attention: bool = False
     description: str = ""
+
+    @property
+    def encoder_prefix(self) -> bool:
+        return not self.cross_attention
 
 
 ARCHITECTURES: dict[str, Architecture] = {

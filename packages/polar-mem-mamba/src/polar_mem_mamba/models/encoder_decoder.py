@@ -1,11 +1,14 @@
 """``HybridMambaEncoderDecoder``: the encoder-decoder of the capacity-cliff study, one class for all
 five named architectures (:data:`polar_mem_mamba.config.ARCHITECTURES`).
 
-Data flow (MQAR): the encoder reads ``[BOS k1 v1 ... kN vN EOS]`` bidirectionally; the decoder reads
-the stream ``[encoder_out ; embed(BOS q1 ... qM)]`` left to right, so its recurrent state is the
-path by which the pairs reach the queries (that is where the capacity cliff lives), plus the memory
-pool and GSA cross-attention where the architecture has them. Logits are returned for the decoder
-positions only. Token embeddings are shared by encoder and decoder; the output head is separate (a
+Data flow (MQAR): the encoder reads ``[BOS k1 v1 ... kN vN EOS]`` bidirectionally. Architectures
+without cross-attention (mamba2, polar, polar_pool, attention) run the decoder over the stream
+``[encoder_out ; embed(BOS q1 ... qM)]`` left to right, so their recurrent state (or causal
+attention) is the path by which the pairs reach the queries: that is where the capacity cliff lives.
+The hybrid decoder reads only ``embed(BOS q1 ... qM)`` and reaches the encoder through GSA
+cross-attention (as in the original design: with the prefix too, the SSM path learns the shortcut
+"answer with some value from the context" first and recall training stalls). Logits are returned for
+the decoder positions only. Token embeddings are shared by encoder and decoder; the output head is separate (a
 head tied to the embeddings makes "answer with some value from the context" a strong shortcut, and
 training stalls on it).
 """
@@ -54,7 +57,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Causal stack over ``[encoder_out ; decoder embeddings]``.
+    """Causal stack over the decoder stream (``[encoder_out ; decoder embeddings]`` or the embeddings).
 
     Blocks by architecture: ``mamba2`` MambaBlock; ``polar`` PolarizedMemBlock; ``polar_pool`` and
     ``hybrid`` PolarizedMemBlock with a MemoryPool each, over one pool state written every
@@ -87,7 +90,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(d, **factory)
 
     def forward(self, x: torch.Tensor, encoder_out: torch.Tensor) -> torch.Tensor:
-        """x [B, S + M, d_model] stream (encoder_out prefix + decoder embeddings) -> [B, S + M, d_model]."""
+        """x [B, T, d_model] decoder stream, encoder_out [B, S, d_model] -> [B, T, d_model]."""
         x0, state = x, None
         for i, layer in enumerate(self.layers):
             if isinstance(layer, PolarizedMemBlock):
@@ -136,8 +139,10 @@ class HybridMambaEncoderDecoder(nn.Module):
             raise ValueError(f"decoder_ids: expected batch size {encoder_ids.shape[0]} (as encoder_ids), "
                              f"got {decoder_ids.shape[0]}")
         encoder_out = self.encode(encoder_ids)
-        stream = torch.cat([encoder_out, self.dropout(self.embed(decoder_ids)).to(encoder_out.dtype)], dim=1)
-        return self.decoder(stream, encoder_out)[:, encoder_ids.shape[1]:]
+        stream = self.dropout(self.embed(decoder_ids)).to(encoder_out.dtype)
+        if not self.config.arch.encoder_prefix:
+            return self.decoder(stream, encoder_out)
+        return self.decoder(torch.cat([encoder_out, stream], dim=1), encoder_out)[:, encoder_ids.shape[1]:]
 
     def forward(self, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
         """encoder_ids [B, S], decoder_ids [B, M] -> logits [B, M, vocab_size]."""
