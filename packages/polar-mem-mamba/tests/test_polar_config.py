@@ -75,3 +75,18 @@ def test_missing_file_and_replace():
     assert c.d_state == 16
     with pytest.raises(ConfigError, match="unknown field 'dstate'"):
         Config().replace(dstate=16)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    from polar_mem_mamba.sweep import load_sweep
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    quick = Config.from_yaml(configs / "quick.yaml")
+    assert quick.run_name == "quick" and quick.num_pairs < quick.d_state
+    out_dir, grid = load_sweep(configs / "capacity_cliff.yaml")
+    assert len(grid) == 5 * 4 * 5 * 3 * 2 and len({c.run_name for c in grid}) == len(grid)
+    assert {c.architecture for c in grid} == set(ARCHITECTURES)
+    assert {c.num_pairs for c in grid} == {16, 32, 64, 128, 256}
+    assert {c.d_state for c in grid} == {16, 32, 64, 128}
