@@ -160,6 +160,7 @@ def bench_mac(side: str, device: str, quick: bool, full: bool, accel_scan: bool 
         "batch": batch,
         "seq_len": seq,
         "accelerated_scan": accel,
+        "unaliased_params": len(aliased),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "loss_finite": bool(torch.isfinite(torch.stack(losses)).all()),
     }
