@@ -13,7 +13,8 @@ float32-upcast logits (the usual convention), ``torch_bf16`` = on the bf16 logit
 
 linear_cross_entropy, hidden ``[N, d]`` and weight ``[V, d]``: ours vs ``F.linear`` + fp32
 ``F.cross_entropy`` vs ``LigerFusedLinearCrossEntropyLoss``. ``extra_minus_weight_GB`` subtracts the
-weight-sized terms (our float32 accumulator and the returned gradient), which leaves what grows with N
+weight-sized terms (our float32 accumulator, the returned gradient, the padded copy of W when V is not a
+multiple of 64), which leaves what grows with N
 and the chunk buffer, not with V.
 
     python shared/bench/bench_cross_entropy.py [--tokens 16384] [--vocabs 8192 50257] [--dims 256 4096]
@@ -151,7 +152,8 @@ def bench_linear(do_bench, tokens: int, dim: int, vocab: int) -> dict:
         torch.cuda.empty_cache()
     ours = entry["results"]["ours"]
     if isinstance(ours, dict):
-        weight_terms = vocab * dim * (4 + 2) / 1e9  # float32 accumulator + bf16 gradient
+        # float32 accumulator + bf16 gradient (+ the zero-padded bf16 copy of W when V % 64 != 0)
+        weight_terms = vocab * dim * (4 + 2 + (2 if vocab % 64 else 0)) / 1e9
         ours["extra_minus_weight_GB"] = round(ours["extra_GB"] - weight_terms, 3)
     return entry
 
@@ -172,18 +174,20 @@ def sweep(do_bench, tokens: int, vocabs: list[int], bandwidth: float) -> list[di
         rows = []
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         default = kernels._config(vocab)
-        shapes = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 8), (8192, 16))
-        grid = [(block, warps, stages, programs) for block, warps in shapes
-                for stages in (1, 3) for programs in (None, 2 * sms, 4 * sms)]
+        shapes = ((1024, 4, 1), (1024, 4, 3), (2048, 4, 1), (2048, 4, 3), (4096, 8, 1), (4096, 8, 3),
+                  (4096, 16, 3), (8192, 8, 3))
+        grid = [(block, warps, stages, programs, hints) for block, warps, stages in shapes
+                for programs in (None, 2 * sms) for hints in (True, False)]
         for offset in (0, 1):  # offset 1: rows never 16-byte aligned (element-wise loads and stores)
             logits = flat[offset:offset + tokens * vocab].view(tokens, vocab)
             grad = torch.empty_like(flat)[offset:offset + tokens * vocab].view(tokens, vocab)
-            for block, warps, stages, programs in grid if offset == 0 else [default]:
+            for block, warps, stages, programs, hints in grid if offset == 0 else [(*default, True)]:
                 config = {"block_v": block, "warps": warps, "stages": stages, "programs": programs,
-                          "offset": offset}
+                          "l2_hints": hints, "offset": offset}
                 run = functools.partial(kernels.launch, logits, target, lse=lse, loss=loss, grad=grad,
                                         scale=scale, label_smoothing=SMOOTHING, ignore_index=-100,
-                                        block_v=block, num_warps=warps, num_stages=stages, programs=programs)
+                                        block_v=block, num_warps=warps, num_stages=stages, programs=programs,
+                                        l2_hints=hints)
                 try:
                     ms = do_bench(run, warmup=10, rep=50, return_mode="median")
                 except Exception as exc:  # noqa: BLE001 - e.g. out of resources for a config

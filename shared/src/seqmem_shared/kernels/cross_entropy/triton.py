@@ -23,8 +23,8 @@ Rows of odd length (V = 50257) start at addresses that are not 16-byte aligned: 
 row's aligned interior in whole 16-byte vectors (unmasked except in the last partial tile) and the
 < 16 bytes at each end element by element.
 
-``linear_cross_entropy`` runs, per chunk of tokens, ``logits = h @ W.T (+ b)`` with cuBLAS into a buffer
-whose rows are padded to 64 elements (aligned rows for cuBLAS whatever V), the kernel above with the
+``linear_cross_entropy`` runs, per chunk of tokens, ``logits = h @ W.T (+ b)`` with cuBLAS (W padded with
+zero rows to a multiple of 64, so that every GEMM is aligned whatever V), the kernel above with the
 gradient written over the logits, then ``grad_h = dlogits @ W`` and ``grad_W += dlogits.T @ h`` (float32
 accumulator): the chunk buffer is the only ``V``-sized activation.
 """
@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -69,8 +70,9 @@ def _online_softmax(x, m, s):
 
 
 @triton.jit
-def _row_stats(logits_ptr, base, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """(log-sum-exp, sum) of the row at elements [base, base + V)."""
+def _row_stats(logits_ptr, base, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr, NUM_STAGES: tl.constexpr,
+               KEEP: tl.constexpr):
+    """(log-sum-exp, sum) of the row at elements [base, base + V), loaded with eviction policy KEEP."""
     cols = tl.arange(0, BLOCK_V)
     lo, hi = _interior(base, V, VEC)
     m = tl.full([BLOCK_V], _NEG_BIG, tl.float32)
@@ -78,15 +80,15 @@ def _row_stats(logits_ptr, base, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr, NU
     sx = tl.zeros([BLOCK_V], tl.float32)
     n_full = (hi - lo) // BLOCK_V
     for k in tl.range(n_full, num_stages=NUM_STAGES):  # whole tiles: unmasked vector loads
-        x = tl.load(logits_ptr + lo + k * BLOCK_V + cols).to(tl.float32)
+        x = tl.load(logits_ptr + lo + k * BLOCK_V + cols, eviction_policy=KEEP).to(tl.float32)
         m, s = _online_softmax(x, m, s)
         sx += x
     offs = lo + n_full * BLOCK_V + cols  # the partial tile
-    x = tl.load(logits_ptr + offs, mask=offs < hi, other=float("-inf")).to(tl.float32)
+    x = tl.load(logits_ptr + offs, mask=offs < hi, other=float("-inf"), eviction_policy=KEEP).to(tl.float32)
     m, s = _online_softmax(x, m, s)
     sx += tl.where(offs < hi, x, 0.0)
     offs, mask = _edges(base, V, lo, hi, VEC)
-    xe = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    xe = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"), eviction_policy=KEEP).to(tl.float32)
     m_row = tl.maximum(tl.max(m, 0), tl.max(xe, 0))
     total = tl.sum(s * tl.exp2((m - m_row) * _LOG2E), 0) + tl.sum(tl.exp2((xe - m_row) * _LOG2E), 0)
     sum_x = tl.sum(sx, 0) + tl.sum(tl.where(mask, xe, 0.0), 0)
@@ -104,13 +106,13 @@ def _cross_entropy_kernel(
     logits_ptr, grad_ptr, target_ptr, loss_ptr, lse_ptr, scale_ptr,
     scale_stride, N, V, stride, ignore_index, label_smoothing,
     COMPUTE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, KEEP: tl.constexpr, DROP: tl.constexpr,
 ):
     """Rows ``pid, pid + programs, ...`` of logits ``[N, V]`` with row stride ``stride`` (the gradient's
     too): the loss and log-sum-exp (COMPUTE_STATS; else the log-sum-exp is read from ``lse_ptr``) and
     the gradient times the row's scale into ``grad_ptr`` (WRITE_GRAD; it may be ``logits_ptr``). Ignored
     rows read nothing and get loss 0 and gradient 0; an out-of-range target gives a NaN loss and no
-    one-hot term."""
+    one-hot term. Sweep-1 loads use eviction policy KEEP, sweep-2 loads and the stores DROP."""
     cols = tl.arange(0, BLOCK_V)
     first, step = tl.program_id(0).to(tl.int64), tl.num_programs(0)
     for i in range(tl.cdiv(N - first, step)):
@@ -124,7 +126,7 @@ def _cross_entropy_kernel(
             lse = tl.full([], 0.0, tl.float32)
             sum_x = tl.full([], 0.0, tl.float32)
             if live:
-                lse, sum_x = _row_stats(logits_ptr, base, V, BLOCK_V, VEC, NUM_STAGES)
+                lse, sum_x = _row_stats(logits_ptr, base, V, BLOCK_V, VEC, NUM_STAGES, KEEP)
             loss = (1.0 - label_smoothing) * (lse - x_t) + label_smoothing * (lse - sum_x / V)
             tl.store(loss_ptr + row, tl.where(live, loss, 0.0))
             tl.store(lse_ptr + row, lse)
@@ -139,17 +141,21 @@ def _cross_entropy_kernel(
             # Edges and the partial tile, then whole tiles from the end: the reverse of sweep 1's
             # order, so the first re-reads find the most recently read bytes in L2.
             offs, mask = _edges(base, V, lo, hi, VEC)
-            x = tl.load(logits_ptr + offs, mask=tl.where(live, mask, False), other=0.0).to(tl.float32)
-            tl.store(grad_ptr + offs, _grad(x, lse2, scale, uniform).to(dtype), mask=mask)
+            x = tl.load(logits_ptr + offs, mask=tl.where(live, mask, False), other=0.0,
+                        eviction_policy=DROP).to(tl.float32)
+            tl.store(grad_ptr + offs, _grad(x, lse2, scale, uniform).to(dtype), mask=mask,
+                     eviction_policy=DROP)
             n_full = (hi - lo) // BLOCK_V
             offs = lo + n_full * BLOCK_V + cols
-            x = tl.load(logits_ptr + offs, mask=tl.where(live, offs < hi, False), other=0.0).to(tl.float32)
-            tl.store(grad_ptr + offs, _grad(x, lse2, scale, uniform).to(dtype), mask=offs < hi)
+            x = tl.load(logits_ptr + offs, mask=tl.where(live, offs < hi, False), other=0.0,
+                        eviction_policy=DROP).to(tl.float32)
+            tl.store(grad_ptr + offs, _grad(x, lse2, scale, uniform).to(dtype), mask=offs < hi,
+                     eviction_policy=DROP)
             reads = tl.where(live, cols >= 0, False)  # an ignored row reads nothing and stores zeros
             for k in tl.range(n_full, num_stages=NUM_STAGES):
                 offs = lo + (n_full - 1 - k) * BLOCK_V + cols
-                x = tl.load(logits_ptr + offs, mask=reads, other=0.0).to(tl.float32)
-                tl.store(grad_ptr + offs, _grad(x, lse2, scale, uniform).to(dtype))
+                x = tl.load(logits_ptr + offs, mask=reads, other=0.0, eviction_policy=DROP).to(tl.float32)
+                tl.store(grad_ptr + offs, _grad(x, lse2, scale, uniform).to(dtype), eviction_policy=DROP)
             if hit:  # the target column, once every thread's store above is done
                 tl.debug_barrier()
                 g_t = _grad(x_t, lse2, scale, uniform) - (1.0 - label_smoothing) * scale
@@ -170,9 +176,13 @@ def _scale_kernel(x_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
 
 
 def _config(vocab_size: int) -> tuple[int, int, int, int | None]:
-    """(BLOCK_V, num_warps, num_stages, programs or None for one per row) for rows of ``vocab_size``."""
-    block = min(4096, max(16, triton.next_power_of_2(vocab_size)))
-    return block, (4 if block <= 1024 else 8), 1, None
+    """(BLOCK_V, num_warps, num_stages, programs or None for one per row) for rows of ``vocab_size``.
+
+    Timed on an H100 (bench_cross_entropy.py --sweep, 16384 rows of bf16): short rows want many small
+    programs; long rows want 8 warps over 4096-wide tiles with the loads software-pipelined 3 deep."""
+    if vocab_size <= 16384:
+        return min(1024, max(16, triton.next_power_of_2(vocab_size))), 4, 1, None
+    return 4096, 8, 3, None
 
 
 @functools.cache
@@ -201,13 +211,15 @@ def launch(
     num_warps: int | None = None,
     num_stages: int | None = None,
     programs: int | None = None,
+    l2_hints: bool = True,
 ) -> None:
     """Run the kernel on ``logits [N, V]`` (unit column stride) and ``target [N]``.
 
     ``loss [N]`` given: compute the per-row loss and write ``lse [N]``; else read ``lse``.
     ``grad [N, V]`` given (strides of ``logits``; it may be ``logits``): write the gradient times ``scale``
     (float32, a single value or one per row). ``block_v``, ``num_warps``, ``num_stages`` and ``programs``
-    (a grid smaller than N makes each program loop over rows) override the defaults of :func:`_config`.
+    (a grid smaller than N makes each program loop over rows) override the defaults of :func:`_config`;
+    ``l2_hints`` asks L2 to keep sweep 1's reads (re-read by sweep 2) and to evict sweep 2's first.
     """
     n_rows, vocab_size = logits.shape
     if n_rows == 0:
@@ -227,7 +239,8 @@ def launch(
         logits, logits if grad is None else grad, target, lse if loss is None else loss, lse,
         lse if scale is None else scale, scale_stride, n_rows, vocab_size, logits.stride(0), ignore_index,
         float(label_smoothing), COMPUTE_STATS=loss is not None, WRITE_GRAD=grad is not None,
-        BLOCK_V=block, VEC=vec, NUM_STAGES=stages, num_warps=warps,
+        BLOCK_V=block, VEC=vec, NUM_STAGES=stages, KEEP="evict_last" if l2_hints else "",
+        DROP="evict_first" if l2_hints else "", num_warps=warps,
     )
 
 
@@ -377,16 +390,20 @@ def _project_chunks(hidden, weight, bias, target, needs, dtype, chunk_size, bloc
     Returns (grad_hidden in ``dtype``, grad_weight float32, grad_bias float32), None where not needed.
     """
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
-    h, w = hidden.to(dtype), weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
+    # W (and b) padded with zero rows to a multiple of 64: every GEMM dimension and row stride is then
+    # aligned (cuBLAS runs several times slower for V = 50257), the padded logits are exactly 0, and so
+    # are their "gradients", which the kernel leaves alone.
+    padded = triton.cdiv(vocab_size, 64) * 64
+    h = hidden.to(dtype)
+    w = F.pad(weight.to(dtype), (0, 0, 0, padded - vocab_size))
+    b = None if bias is None else F.pad(bias.to(dtype), (0, padded - vocab_size))
     need_h, need_w, need_b = needs
+    need_b = need_b and b is not None
     grad_h = torch.empty_like(h) if need_h else None
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-    need_b = need_b and b is not None
-    grad_b = torch.zeros(vocab_size, dtype=torch.float32, device=w.device) if need_b else None
+    grad_b = torch.zeros(padded, dtype=torch.float32, device=w.device) if need_b else None
     step = chunk_rows(n_rows, vocab_size, chunk_size)
-    # Rows padded to 64 elements: cuBLAS and the kernel get 16-byte-aligned rows for any V.
-    buffer = torch.empty(step, triton.cdiv(vocab_size, 64) * 64, dtype=dtype, device=h.device)[:, :vocab_size]
+    buffer = torch.empty(step, padded, dtype=dtype, device=h.device)
     write_grad = need_h or need_w or need_b
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
@@ -395,8 +412,9 @@ def _project_chunks(hidden, weight, bias, target, needs, dtype, chunk_size, bloc
             torch.mm(h[start:stop], w.t(), out=logits)
         else:
             torch.addmm(b, h[start:stop], w.t(), out=logits)
-        launch(logits, target[start:stop], lse=lse[start:stop],
-               loss=None if loss is None else loss[start:stop], grad=logits if write_grad else None,
+        launch(logits[:, :vocab_size], target[start:stop], lse=lse[start:stop],
+               loss=None if loss is None else loss[start:stop],
+               grad=logits[:, :vocab_size] if write_grad else None,
                scale=None if scale is None else (scale if scale.numel() == 1 else scale[start:stop]),
                label_smoothing=label_smoothing, ignore_index=ignore_index, block_v=block_v)
         if grad_h is not None:
@@ -405,7 +423,8 @@ def _project_chunks(hidden, weight, bias, target, needs, dtype, chunk_size, bloc
             _accumulate(grad_w, logits.t(), h[start:stop])
         if grad_b is not None:
             grad_b += logits.sum(0, dtype=torch.float32)
-    return grad_h, grad_w, grad_b
+    return (grad_h, None if grad_w is None else grad_w[:vocab_size],
+            None if grad_b is None else grad_b[:vocab_size])
 
 
 def linear_cross_entropy(
