@@ -1,10 +1,11 @@
 """Scoring weight-based circuit detections against a synthetic language's planted rules.
 
-Detections use only the weights (no forward pass on data): bigrams from the (extended) direct path,
-skip-trigrams from the full 1-layer circuit averaged over key offsets, previous-token and induction heads
-from :mod:`bilinear_toys.circuits`. A candidate is *detected* when its score is ``z`` standard deviations
-above the mean of all candidates of its kind (precision and recall are then independent), and also
-ranked: ``recall_at_k`` is the share of planted rules among the top ``k = #planted`` candidates.
+Detections use only the weights (no forward pass on data): bigrams from the next-token logits of a
+one-token context, skip-trigrams from the full 1-layer circuit averaged over key offsets, previous-token
+and induction heads from :mod:`bilinear_toys.circuits`. For each current token the strongest candidate
+is *detected* when its score is a robust outlier (``z`` MADs above the median) among the current tokens'
+strongest scores (precision and recall are then independent); ``recall_at_k`` is the share of planted
+rules among the top ``k = #planted`` candidates overall.
 """
 
 from __future__ import annotations
@@ -34,43 +35,46 @@ def _pr(detected: set, planted: set) -> dict[str, float]:
             "n_planted": len(planted)}
 
 
-def bigram_recovery(model: ToyTransformer, bigrams: list, z: float = 4.0) -> dict[str, Any]:
+def bigram_recovery(model: ToyTransformer, bigrams: list, z: float = 6.0) -> dict[str, Any]:
     d = extended_direct_path(model).float()
     s = d - d.mean(dim=1, keepdim=True)
-    thr = s.mean() + z * s.std()
-    detected = {(int(a), int(b)) for a, b in (s > thr).nonzero().tolist()}
+    best, nxt = s.max(dim=1)  # the strongest next token for each current token
+    detected = {(int(a), int(nxt[a])) for a in _robust_outliers(best, z).nonzero().flatten().tolist()}
     planted = {tuple(map(int, x)) for x in bigrams}
     k = len(planted)
     top = {divmod(int(i), s.shape[1]) for i in s.flatten().topk(k).indices} if k else set()
     return {**_pr(detected, planted), "recall_at_k": len(top & planted) / max(k, 1)}
 
 
-def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset: int = 16, z: float = 4.0,
-                          layer: int = 0, dst_chunk: int = 32) -> dict[str, Any]:
-    """Planted ``(A, B, C)`` vs entries ``T[dst=B, src=A, out=C]`` of the offset-averaged full circuit
-    (centered over ``src``, copying entries ``out == src`` excluded: those are induction-like copying, not
-    skip-trigrams); two passes over the slices (statistics, then thresholding)."""
-    offsets = range(1, max_offset + 1)
-    n = total = total_sq = 0.0
+def _robust_outliers(scores: torch.Tensor, z: float) -> torch.Tensor:
+    """Bool mask of ``scores`` above ``median + z * 1.4826 * MAD`` (robust to the outliers sought)."""
+    med = scores.median()
+    mad = (scores - med).abs().median().clamp_min(1e-12) * 1.4826
+    return scores > med + z * mad
 
-    for _, t in C.full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer):
-        t = (t - t.mean(dim=1, keepdim=True)).double()
-        keep = ~torch.eye(t.shape[1], dtype=torch.bool, device=t.device)[None].expand_as(t)
-        n += float(keep.sum())
-        total += float(t[keep].sum())
-        total_sq += float(t[keep].square().sum())
-    mean = total / n
-    std = max(total_sq / n - mean**2, 0.0) ** 0.5
-    detected: set[tuple[int, int, int]] = set()
+
+def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset: int = 16, z: float = 6.0,
+                          layer: int = 0, dst_chunk: int = 32, exclude_src: tuple[int, ...] = (0,)
+                          ) -> dict[str, Any]:
+    """Planted ``(A, B, C)`` vs entries ``T[dst=B, src=A, out=C]`` of the offset-averaged full circuit,
+    centered over ``src``. Excluded as not skip-trigrams: ``C == A`` (copying), ``A == B`` (attending to
+    earlier copies of the current token: a bigram path) and ``exclude_src`` (the synthetic language's BOS,
+    in every context: a constant). For each current token B its strongest (A, C) is detected when that
+    score is a robust outlier (``z`` MADs above the median) among all current tokens' strongest scores."""
+    offsets = range(1, max_offset + 1)
+    v = model.config.vocab_size
+    excl = {"exclude_copying": True, "exclude_same_token": True, "exclude_src": exclude_src}
+    bests, triples = [], []
     for ids, t in C.full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer):
-        t = t - t.mean(dim=1, keepdim=True)
-        for d, a, c in (t > mean + z * std).nonzero().tolist():
-            if a != c:
-                detected.add((a, int(ids[d]), c))
+        t = (t - t.mean(dim=1, keepdim=True)).masked_fill(~C.skip_trigram_mask(ids, v, **excl), float("-inf"))
+        best, flat = t.flatten(1).max(dim=1)
+        bests.append(best.float().cpu())
+        triples += [(int(f) // v, int(b), int(f) % v) for b, f in zip(ids.tolist(), flat.tolist())]
+    keep = _robust_outliers(torch.cat(bests), z)
+    detected = {tr for tr, k in zip(triples, keep.tolist()) if k}
     planted = {tuple(map(int, x)) for x in skip_trigrams}
     top = {(a, b, c) for a, b, c, _ in C.top_skip_trigrams(model, k=len(planted), offsets=offsets,
-                                                           dst_chunk=dst_chunk, layer=layer,
-                                                           exclude_copying=True)}
+                                                           dst_chunk=dst_chunk, layer=layer, **excl)}
     return {**_pr(detected, planted), "recall_at_k": len(top & planted) / max(len(planted), 1)}
 
 

@@ -129,8 +129,10 @@ def write_report(model: ToyTransformer, out_dir: str | Path, top_k: int = 20, ma
                      "src")
     r.figure(fig, "ov_circuits")
 
-    r.heading(f"Skip-trigrams (layer 0, offsets 1..{max_offset} averaged, centered over src)")
-    tri = C.top_skip_trigrams(model, k=top_k, offsets=range(1, max_offset + 1))
+    r.heading(f"Skip-trigrams (layer 0, offsets 1..{max_offset} averaged, centered over src, "
+              "copying C == A and same-token A == B excluded)")
+    tri = C.top_skip_trigrams(model, k=top_k, offsets=range(1, max_offset + 1), exclude_copying=True,
+                              exclude_same_token=True)
     r.table(["src A", "dst B", "out C", "score"], [list(t) for t in tri])
 
     if n_l > 1:

@@ -21,6 +21,7 @@ from bilinear_toys.circuits.attention import (
     previous_token_score_weights,
     qk_circuit,
     qk_pattern,
+    skip_trigram_mask,
     top_skip_trigrams,
 )
 from bilinear_toys.circuits.bilinear import (
@@ -54,6 +55,7 @@ __all__ = [
     "qk_circuit",
     "qk_pattern",
     "rank_for_fraction",
+    "skip_trigram_mask",
     "token_interaction_matrices",
     "top_skip_trigrams",
     "truncation_curve",

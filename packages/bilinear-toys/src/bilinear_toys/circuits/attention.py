@@ -123,25 +123,42 @@ def full_circuit_slices(model: ToyTransformer, heads: Iterable[int] | None = Non
 
 
 def top_skip_trigrams(model: ToyTransformer, k: int = 100, offsets: Offsets = None, center: bool = True,
-                      dst_chunk: int = 64, layer: int = 0, exclude_copying: bool = False
+                      dst_chunk: int = 64, layer: int = 0, exclude_copying: bool = False,
+                      exclude_same_token: bool = False, exclude_src: Iterable[int] = ()
                       ) -> list[tuple[int, int, int, float]]:
     """The ``k`` largest entries of the full circuit as skip-trigrams ``(src A, dst B, out C, score)``:
     "A earlier in the context, B now -> C next". ``center`` subtracts, per (dst, out), the mean over
-    ``src`` (effects that do not depend on which token is attended); ``exclude_copying`` drops
-    ``C == A`` (a head copying what it attends to)."""
+    ``src`` (effects that do not depend on which token is attended). Optional exclusions (see
+    :func:`skip_trigram_mask`): ``C == A`` (copying), ``A == B`` (a token attending to earlier copies of
+    itself: a bigram path), and given source tokens (e.g. a BOS that every context holds)."""
     best_vals = torch.empty(0)
     best_idx = torch.empty(0, 3, dtype=torch.long)
     v = model.config.vocab_size
     for ids, t in full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer):
         t = t - t.mean(dim=1, keepdim=True) if center else t
-        if exclude_copying:
-            t = t.masked_fill(torch.eye(v, dtype=torch.bool, device=t.device), float("-inf"))
+        t = t.masked_fill(~skip_trigram_mask(ids, v, exclude_copying, exclude_same_token, exclude_src),
+                          float("-inf"))
         vals, flat = t.flatten().float().cpu().topk(min(k, t.numel()))
         d, rest = flat // (v * v), flat % (v * v)
         idx = torch.stack([rest // v, ids.cpu()[d], rest % v], dim=1)
         best_vals, order = torch.cat([best_vals, vals]).topk(min(k, len(best_vals) + len(vals)))
         best_idx = torch.cat([best_idx, idx])[order]
     return [(int(a), int(b), int(c), float(s)) for (a, b, c), s in zip(best_idx.tolist(), best_vals.tolist())]
+
+
+def skip_trigram_mask(dst_ids: torch.Tensor, vocab_size: int, exclude_copying: bool = False,
+                      exclude_same_token: bool = False, exclude_src: Iterable[int] = ()) -> torch.Tensor:
+    """Bool [n, V, V] over a full-circuit slice ``[dst, src, out]``: False where an entry is excluded."""
+    dev = dst_ids.device
+    ar = torch.arange(vocab_size, device=dev)
+    keep = torch.ones(len(dst_ids), vocab_size, vocab_size, dtype=torch.bool, device=dev)
+    if exclude_copying:
+        keep &= (ar[:, None] != ar[None, :])[None]
+    if exclude_same_token:
+        keep &= (dst_ids[:, None] != ar[None, :])[:, :, None]
+    for s in exclude_src:
+        keep[:, s, :] = False
+    return keep
 
 
 def composition_scores(model: ToyTransformer, kind: str) -> torch.Tensor:
