@@ -102,8 +102,7 @@ def test_mac_gradients_reach_every_learnable_parameter():
     assert not missing
 
 
-@pytest.mark.parametrize("sliding", [False, True])
-@pytest.mark.parametrize("mem_layers", [(), None])
+@pytest.mark.parametrize("sliding, mem_layers", [(False, ()), (False, None), (True, None)])
 def test_cached_sampling_equals_uncached(sliding, mem_layers):
     torch.set_default_dtype(torch.float64)
     try:
