@@ -11,9 +11,6 @@ row a NaN loss (and the torch reference a device-side assert).
 
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 
 from ...backends import resolve_backend
@@ -121,14 +118,3 @@ def linear_cross_entropy(
     return reference.linear_cross_entropy(hidden, weight, target, bias, label_smoothing, ignore_index,
                                           reduction, chunk_size)
 
-
-class _CallableModule(types.ModuleType):
-    """This package shares its name with the function ``seqmem_shared.kernels.cross_entropy``: importing it
-    sets that attribute of ``seqmem_shared.kernels`` to the package, in whatever order names are imported.
-    Calling the package therefore calls the function, so ``kernels.cross_entropy(logits, target)`` works."""
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        return cross_entropy(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
