@@ -729,11 +729,12 @@ class NeuralMemory(nn.Module):
         if residual_norm:
             grads[gamma_name] = (gamma_grad, None)
         for k in names:
-            f = torch.ones(bh, n_chunks, device=keys.device, dtype=keys.dtype)
+            f = None  # None: a factor of one
             if self.max_grad_norm is not None:
                 f = softclamp_factor(chunk_grad_norms(*grads[k], lr, cu), self.max_grad_norm)
             if hp["layer_mod"] is not None:
-                f = f * hp["layer_mod"][self.memory_model_parameter_names.index(k)]
+                mod = hp["layer_mod"][self.memory_model_parameter_names.index(k)]
+                f = mod if f is None else f * mod
             factors[k] = f
         # closed-form recurrence on a basis: columns 0..N-1 = chunk surprises, N = last weights,
         # N+1+o = momenta (in fp32 whatever the autocast dtype: products of gates shared by every weight)
@@ -752,7 +753,9 @@ class NeuralMemory(nn.Module):
 
         def kappa(chunk_coef: Tensor, k: str) -> Tensor:
             """[bh, R, N] chunk coefficients -> [bh, R, T] token coefficients of u = -lr * grad."""
-            return -(chunk_coef * factors[k].unsqueeze(1))[..., chunk_of_token] * lr.unsqueeze(1)
+            if factors[k] is not None:
+                chunk_coef = chunk_coef * factors[k].unsqueeze(1)
+            return chunk_coef[..., chunk_of_token] * -lr.unsqueeze(1)
 
         tokens = dict(
             inputs=inputs,
