@@ -16,6 +16,12 @@ from polar_mem_mamba.train import build_model, mqar_loss
 pytestmark = pytest.mark.gpu
 
 
+def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-2) -> None:
+    """Relative error in norm (the Triton kernels may use TF32 matmuls, so elementwise fp32 bounds are wrong)."""
+    err = ((actual.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-12)).item()
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
 def _need(module: str) -> None:
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed")
@@ -39,9 +45,9 @@ def test_mamba_ssm_matches_reference_forward_and_backward(length):
         grads = torch.autograd.grad((y * grad_out).sum(), list(leaves.values()))
         results.append((y, grads))
     (y1, g1), (y2, g2) = results
-    torch.testing.assert_close(y1, y2, rtol=2e-3, atol=2e-3)
+    _close(y1, y2)
     for a, c in zip(g1, g2):
-        torch.testing.assert_close(a, c, rtol=5e-3, atol=5e-3)
+        _close(a, c)
     torch.testing.assert_close(ssd_chunked(**leaves, A=A, chunk_size=64, **extra), y2)
 
 
@@ -73,3 +79,19 @@ def test_bf16_training_step_of_the_default_model_is_finite():
     optimizer.step()
     assert torch.isfinite(loss) and torch.isfinite(norm) and 0 < loss.item() < 20
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "hybrid"])
+def test_model_fast_path_matches_reference(arch):
+    """The whole model with backend=auto (mamba_ssm, causal_conv1d, flash_attn, Triton) == backend=torch."""
+    config = Config(architecture=arch, d_model=128, d_state=32, encoder_layers=2, decoder_layers=3,
+                    cross_attn_layers=(0, 2), num_pairs=32, num_queries=8, precision="fp32")
+    reference = build_model(config.replace(backend="torch"), device="cuda")
+    fast = build_model(config, device="cuda")
+    fast.load_state_dict(reference.state_dict())
+    batch = MQARBatches(config, 4, "cuda")(0)
+    with torch.no_grad():
+        a = reference(batch["encoder_ids"], batch["decoder_ids"])
+        b = fast(batch["encoder_ids"], batch["decoder_ids"])
+    _close(b, a)
+    assert (b.argmax(-1) == a.argmax(-1)).float().mean() > 0.99

@@ -21,7 +21,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if resolve_backend(backend, x, fast="causal_conv1d") == "causal_conv1d":
         module = optional_import("causal_conv1d", "the Mamba short convolution")
         if module is not None:
-            return module.causal_conv1d_fn(x, weight, bias, activation=activation)
+            return module.causal_conv1d_fn(x.contiguous(), weight, bias, activation=activation)
         if backend == "causal_conv1d":
             raise RuntimeError("backend='causal_conv1d' requested but causal_conv1d cannot be imported")
     return causal_conv1d_reference(x, weight, bias, activation)
