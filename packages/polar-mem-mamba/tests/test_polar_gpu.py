@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-2) -> None:
-    """Relative error in norm (the Triton kernels may use TF32 matmuls, so elementwise fp32 bounds are wrong)."""
+    """Relative error in norm (Triton kernels may use TF32 matmuls: elementwise fp32 bounds do not fit)."""
     err = ((actual.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-12)).item()
     assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
 
