@@ -45,7 +45,8 @@ pytestmark = pytest.mark.skipif(uv is None, reason="needs uv on PATH")
 
 def _run(*cmd: str | Path, cwd: Path = ROOT) -> str:
     out = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True)
-    assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    what = " ".join(map(str, cmd))
+    assert out.returncode == 0, f"{what} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout
 
 

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-
 from seqmem_shared import backends, check, io
 
 
@@ -66,7 +65,7 @@ def test_seqmem_check_reports_backends(capsys: pytest.CaptureFixture[str]) -> No
     assert check.main(["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["torch"] == torch.__version__
-    assert set(report["optional"]) >= {"triton", "fla", "flash_attn", "accelerated_scan.triton"}
+    assert set(report["optional"]) >= {"triton", "fla", "flash_attn", "accelerated_scan.scalar"}
     for info in report["optional"].values():
         assert info["usable"] or info["why"]
     assert report["packages"]["seqmem-shared"]

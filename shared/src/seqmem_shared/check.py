@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata as md
+import importlib.util
 import json
 import platform
 import sys
@@ -21,16 +22,22 @@ OPTIONAL = [
     ("causal_conv1d", "polar-mem-mamba short convolution"),
     ("flash_attn", "polar-mem-mamba attention"),
     ("fla", "retnet-forgetting RetNet kernels"),
-    ("accelerated_scan.triton", "titans-pytorch associative scan"),
+    ("accelerated_scan.scalar", "titans-pytorch associative scan"),
     ("liger_kernel", "benchmark peer"),
     ("quimb", "bilinear-toys circuit analysis"),
     ("datasets", "Hugging Face streaming text data"),
 ]
+# Probes that must go through a package's own loader (mamba-ssm 2.x needs its Mamba-1 extension stubbed).
+LOADERS = {"mamba_ssm.ops.triton.ssd_combined": ("polar_mem_mamba.ops.ssd.mamba_ssm", "load_chunk_scan")}
 DISTRIBUTIONS = ["seqmem-shared", "polar-mem-mamba", "titans-pytorch", "bilinear-toys", "retnet-forgetting"]
 
 
 def _probe(module: str) -> dict[str, Any]:
     try:
+        if module in LOADERS and importlib.util.find_spec(LOADERS[module][0].split(".")[0]) is not None:
+            loader_module, loader = LOADERS[module]
+            if getattr(importlib.import_module(loader_module), loader)() is None:
+                raise ImportError(f"{loader_module}.{loader}() found no usable kernel (see the log above)")
         mod = importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - report whatever broke
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -60,7 +67,8 @@ def collect() -> dict[str, Any]:
         "cuda": {
             "available": cuda,
             "torch_cuda": torch.version.cuda,
-            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if cuda else [],
             "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
         },
         "packages": {d: _version(d) for d in DISTRIBUTIONS},
@@ -78,7 +86,8 @@ def _print(report: dict[str, Any]) -> None:
     cuda = report["cuda"]
     print(f"python {report['python']}  torch {report['torch']}  ({report['platform']})")
     gpus = ", ".join(cuda["devices"]) or "none"
-    print(f"CUDA available: {cuda['available']}  (torch built for CUDA {cuda['torch_cuda']}; devices: {gpus})")
+    print(f"CUDA available: {cuda['available']}  "
+          f"(torch built for CUDA {cuda['torch_cuda']}; devices: {gpus})")
     print("packages: " + ", ".join(f"{k} {v or '-'}" for k, v in report["packages"].items()))
     tk = report["triton_kernels"]
     print(f"seqmem Triton kernels: {'yes' if tk['usable'] else 'no'} ({tk['why']})")
@@ -86,7 +95,8 @@ def _print(report: dict[str, Any]) -> None:
     print("optional fast paths:")
     width = max(len(m) for m in report["optional"])
     for module, info in report["optional"].items():
-        state = f"yes {info.get('version') or ''}".strip() if info["usable"] else f"no  {info['why']}"
+        version = info.get("version") or ""
+        state = f"yes {version}".strip() if info["usable"] else f"no  {info['why']}"
         print(f"  {module:<{width}}  {state}   [{info['for']}]")
     if not cuda["available"]:
         print("No CUDA device: every op runs its pure-PyTorch reference.")
