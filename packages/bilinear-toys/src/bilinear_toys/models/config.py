@@ -13,10 +13,12 @@ ATTENTION_IMPLS = ("auto", "quadratic", "linear")
 NORMS = (None, "rms")
 INITS = ("seed", "unit")
 # Context length from which attention_impl="auto" uses the linear (state) form instead of the O(N^2)
-# masked form. A documented default until bench/bench_quadratic_attention.py measures the crossover on
-# the target GPU (the linear form costs ~T*dh^3 flops vs ~T^2*dh for the masked form: even at dh=64 it
-# only wins for long contexts, and memory, not time, is usually the reason to switch).
-DEFAULT_LINEAR_CROSSOVER = 4096
+# masked form. Measured on an H100 (2026-11-22, bench/bench_quadratic_attention.py, batch 1, 8 heads,
+# d_head 32, bf16): the masked form is faster at every n_ctx up to 16384 (forward 18 ms vs 30 ms for the
+# Triton linear form at 16384), so there is no time crossover; the linear form's advantage is memory
+# (0.8 GiB vs 20 GiB at 16384). "auto" therefore switches only past 16384 tokens, where the N^2 scores
+# stop fitting comfortably.
+DEFAULT_LINEAR_CROSSOVER = 16384
 
 
 @dataclass
