@@ -12,21 +12,41 @@ pytestmark = pytest.mark.gpu
 
 CFG = dict(hidden_size=256, num_hidden_layers=3, num_heads=4, vocab_size=512, attn_mode="chunk")
 
+# Tolerances, measured on CPU with fla 0.6.0's Triton kernels under TRITON_INTERPRET=1 (T=300, this CFG):
+# - fp32: fla's RetNet (chunk kernels) vs ours agree to 1.1e-6 on logits and <= 1e-6 on every layer's final
+#   state, so the two are the same function. On CUDA, Triton's fp32 ``tl.dot`` uses TF32 (10-bit mantissa,
+#   ~5e-4 per rounding), hence FP32_TOL; a semantic slip (log2 vs ln decay, wrong scale) is far larger.
+# - bf16: our own reference in bf16 already sits 1.7-2.4% (logits) and 2.2-3.0% (final states, per layer)
+#   from its fp32 result, and fla's chunk kernel rounds more intermediates to bf16. Two bf16 pipelines can
+#   therefore differ by up to ~sqrt(2) * 3% (the H100 showed 2.8% logits, 1.3% states at 300 tokens), and
+#   small state entries by tens of percent. BF16_TOL bounds whole-model cross-implementation comparisons.
+FP32_TOL = 5e-3
+BF16_TOL = 5e-2
+
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.fixture(scope="module")
-def pair():
+def _make_pair(dtype: torch.dtype):
     pytest.importorskip("fla")
     from fla.models import RetNetForCausalLM as FlaRetNet
 
     torch.manual_seed(0)
-    ours = RetNetForCausalLM(RetNetConfig(**CFG)).cuda().to(torch.bfloat16).eval()
-    theirs = FlaRetNet(to_fla_config(ours.config)).cuda().to(torch.bfloat16).eval()
+    ours = RetNetForCausalLM(RetNetConfig(**CFG)).cuda().to(dtype).eval()
+    theirs = FlaRetNet(to_fla_config(ours.config)).cuda().to(dtype).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return _make_pair(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def pair_fp32():
+    return _make_pair(torch.float32)
 
 
 def test_state_dict_keys_and_shapes_equal_fla_2_7b():
@@ -48,8 +68,22 @@ def test_logits_match_fla(pair, T):
     ours, theirs = pair
     ids = torch.randint(0, 512, (2, T), device="cuda")
     with torch.inference_mode():
-        assert _rel(ours(ids, backend="torch").logits, theirs(input_ids=ids).logits) < 2e-2
-        assert _rel(ours(ids, backend="fla").logits, theirs(input_ids=ids).logits) < 2e-2
+        assert _rel(ours(ids, backend="torch").logits, theirs(input_ids=ids).logits) < BF16_TOL
+        assert _rel(ours(ids, backend="fla").logits, theirs(input_ids=ids).logits) < BF16_TOL
+
+
+@pytest.mark.parametrize("T", [40, 300])
+def test_fp32_logits_and_final_states_match_fla(pair_fp32, T):
+    """The semantic check: in fp32 only TF32 rounding separates ours from fla (see FP32_TOL)."""
+    ours, theirs = pair_fp32
+    ids = torch.randint(0, 512, (2, T), device="cuda")
+    with torch.inference_mode():
+        out = theirs(input_ids=ids, use_cache=True)
+        assert _rel(ours(ids, backend="torch").logits, out.logits) < FP32_TOL
+        states = RetNetStateExtractor(ours, backend="torch").extract_states(ids)
+    for layer in range(3):
+        err = _rel(states[layer], out.past_key_values[layer]["recurrent_state"])
+        assert err < FP32_TOL, (layer, err)
 
 
 def test_final_states_match_fla_cache(pair):
@@ -76,7 +110,7 @@ def test_states_at_positions_match_fla_prefix_reruns(pair):
         assert _rel(got[layer], oracle[layer]) < 2e-2
     torch_ref = RetNetStateExtractor(theirs, backend="torch").extract_states_at_positions(ids, positions)
     for layer in range(3):
-        assert _rel(got[layer], torch_ref[layer]) < 1e-2
+        assert _rel(got[layer], torch_ref[layer]) < BF16_TOL, layer
 
 
 def test_padded_batch_with_fla(pair):
