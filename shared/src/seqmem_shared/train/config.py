@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from seqmem_shared.config import (
+    ConfigError,
+    boolean,
+    choice,
+    config_fields,
+    from_dict,
+    integer,
+    mapping,
+    number,
+    optional,
+    path,
+    sequence,
+    string,
+    validate,
+)
 
 OPTIMIZERS = ("adamw", "muon")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -54,25 +67,19 @@ class TrainConfig:
     examples_per_batch: int | None = None
 
     def __post_init__(self) -> None:
-        for name, check in _CHECKS.items():
-            check(self, name)
+        validate(self, _CHECKS)
         if self.warmup_steps > self.max_steps:
-            _fail("warmup_steps", f"an integer <= max_steps={self.max_steps}", self.warmup_steps)
+            raise ConfigError.invalid(self, "warmup_steps", f"an integer <= max_steps={self.max_steps}",
+                                      self.warmup_steps)
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return config_fields(cls)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """Build from a plain mapping (e.g. a YAML section); unknown keys are an error."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"TrainConfig: expected a mapping of field -> value, got {type(d).__name__}")
-        names = cls.field_names()
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field {unknown[0]!r}; expected one of {', '.join(names)}")
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any], source: str = "") -> TrainConfig:
+        """Build from a plain mapping (e.g. a YAML section); unknown keys are a :class:`ConfigError`."""
+        return from_dict(cls, d, source)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready dict; ``TrainConfig.from_dict(c.to_dict()) == c``."""
@@ -81,142 +88,34 @@ class TrainConfig:
         return out
 
 
-def _fail(name: str, expected: str, value: Any) -> None:
-    raise ValueError(f"TrainConfig.{name}: expected {expected}, got {value!r}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _as_float(cfg: TrainConfig, name: str) -> float | None:
-    """Coerce ints and numeric strings (YAML 1.1 reads ``3e-4`` as a string) to float in place."""
-    v = getattr(cfg, name)
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        v = float(v)
-    elif isinstance(v, str):
-        try:
-            v = float(v)
-        except ValueError:
-            return None
-    else:
-        return None
-    if not math.isfinite(v):
-        return None
-    setattr(cfg, name, v)
-    return v
-
-
-def _int_check(minimum: int, expected: str):
-    def check(cfg: TrainConfig, name: str) -> None:
-        v = getattr(cfg, name)
-        if not _is_int(v) or v < minimum:
-            _fail(name, expected, v)
-    return check
-
-
-def _float_check(lo: float, hi: float, lo_open: bool, expected: str):
-    def check(cfg: TrainConfig, name: str) -> None:
-        raw = getattr(cfg, name)
-        v = _as_float(cfg, name)
-        if v is None or v < lo or v > hi or (lo_open and v == lo):
-            _fail(name, expected, raw)
-    return check
-
-
-def _choice_check(choices: tuple[str, ...]):
-    def check(cfg: TrainConfig, name: str) -> None:
-        v = getattr(cfg, name)
-        if v not in choices:
-            _fail(name, "one of " + ", ".join(repr(c) for c in choices), v)
-    return check
-
-
-def _bool_check(cfg: TrainConfig, name: str) -> None:
-    v = getattr(cfg, name)
-    if not isinstance(v, bool):
-        _fail(name, "true or false", v)
-
-
-def _optional_positive_int(cfg: TrainConfig, name: str) -> None:
-    v = getattr(cfg, name)
-    if v is not None and (not _is_int(v) or v < 1):
-        _fail(name, "a positive integer or null", v)
-
-
-def _check_betas(cfg: TrainConfig, name: str) -> None:
-    v = cfg.betas
-    ok = isinstance(v, (list, tuple)) and len(v) == 2
-    if ok:
-        try:
-            pair = tuple(float(b) for b in v)
-        except (TypeError, ValueError):
-            ok = False
-        else:
-            ok = all(0.0 <= b < 1.0 for b in pair) and not any(isinstance(b, bool) for b in v)
-    if not ok:
-        _fail(name, "two floats in [0, 1), e.g. [0.9, 0.95]", v)
-    cfg.betas = pair
-
-
-def _check_grad_clip(cfg: TrainConfig, name: str) -> None:
-    if cfg.grad_clip is None:
-        return
-    raw = cfg.grad_clip
-    v = _as_float(cfg, name)
-    if v is None or v < 0:
-        _fail(name, "a non-negative float (0 or null disables clipping)", raw)
-
-
-def _check_out_dir(cfg: TrainConfig, name: str) -> None:
-    v = cfg.out_dir
-    if v is None:
-        return
-    if not isinstance(v, (str, os.PathLike)) or str(v) == "":
-        _fail(name, "a directory path or null", v)
-    cfg.out_dir = os.fspath(v)
-
-
-def _check_optimizer_kwargs(cfg: TrainConfig, name: str) -> None:
-    v = cfg.optimizer_kwargs
-    if v is not None and not (isinstance(v, Mapping) and all(isinstance(k, str) for k in v)):
-        _fail(name, "a mapping of build_optimizer keyword -> value, or null", v)
-    if v is not None:
-        cfg.optimizer_kwargs = dict(v)
-
-
-def _check_best_metric(cfg: TrainConfig, name: str) -> None:
-    v = cfg.best_metric
-    if v is not None and (not isinstance(v, str) or not v):
-        _fail(name, "the name of a key returned by eval_fn, or null", v)
-
+_EVERY = "a non-negative integer (0: only at the end)"
 
 _CHECKS = {
-    "max_steps": _int_check(1, "a positive integer"),
-    "lr": _float_check(0.0, math.inf, True, "a positive float"),
-    "weight_decay": _float_check(0.0, math.inf, False, "a non-negative float"),
-    "optimizer": _choice_check(OPTIMIZERS),
-    "optimizer_kwargs": _check_optimizer_kwargs,
-    "betas": _check_betas,
-    "warmup_steps": _int_check(0, "a non-negative integer"),
-    "min_lr_ratio": _float_check(0.0, 1.0, False, "a float in [0, 1]"),
-    "grad_clip": _check_grad_clip,
-    "precision": _choice_check(PRECISIONS),
-    "grad_accum_steps": _int_check(1, "a positive integer"),
-    "eval_every": _int_check(0, "a non-negative integer (0: only at the end)"),
-    "log_every": _int_check(0, "a non-negative integer (0: only at the end)"),
-    "save_every": _int_check(0, "a non-negative integer (0: only at the end)"),
-    "out_dir": _check_out_dir,
-    "seed": _int_check(0, "a non-negative integer"),
-    "compile": _bool_check,
-    "resume": _bool_check,
-    "progress": _bool_check,
-    "best_metric": _check_best_metric,
-    "best_mode": _choice_check(BEST_MODES),
-    "eval_on_all_ranks": _bool_check,
-    "find_unused_parameters": _bool_check,
-    "tokens_per_batch": _optional_positive_int,
-    "examples_per_batch": _optional_positive_int,
+    "max_steps": integer(1),
+    "lr": number(0.0, lo_open=True),
+    "weight_decay": number(0.0),
+    "optimizer": choice(*OPTIMIZERS),
+    "optimizer_kwargs": optional(mapping(),
+                                 expected="a mapping of build_optimizer keyword -> value, or null"),
+    "betas": sequence(number(0.0, 1.0, hi_open=True), length=2,
+                      expected="two floats in [0, 1), e.g. [0.9, 0.95]"),
+    "warmup_steps": integer(0),
+    "min_lr_ratio": number(0.0, 1.0),
+    "grad_clip": optional(number(0.0), expected="a non-negative float (0 or null disables clipping)"),
+    "precision": choice(*PRECISIONS),
+    "grad_accum_steps": integer(1),
+    "eval_every": integer(0, expected=_EVERY),
+    "log_every": integer(0, expected=_EVERY),
+    "save_every": integer(0, expected=_EVERY),
+    "out_dir": optional(path(expected="a directory path")),
+    "seed": integer(0),
+    "compile": boolean(),
+    "resume": boolean(),
+    "progress": boolean(),
+    "best_metric": optional(string(nonempty=True), expected="the name of a key returned by eval_fn, or null"),
+    "best_mode": choice(*BEST_MODES),
+    "eval_on_all_ranks": boolean(),
+    "find_unused_parameters": boolean(),
+    "tokens_per_batch": optional(integer(1)),
+    "examples_per_batch": optional(integer(1)),
 }
