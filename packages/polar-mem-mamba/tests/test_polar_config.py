@@ -50,8 +50,8 @@ def test_yaml_loading_and_roundtrip(tmp_path):
         ("d_state: -3\n", r"Config.d_state: expected a positive integer, got -3"),
         ("d_state: 2.5\n", r"Config.d_state: expected a positive integer, got 2.5"),
         ("architecture: mamba3\n", r"Config.architecture: expected one of 'mamba2', .*got 'mamba3'"),
-        ("learning_rate: fast\n", r"Config.learning_rate: expected a number in \(0, inf\], got 'fast'"),
-        ("label_smoothing: 1.5\n", r"Config.label_smoothing: expected a number in \[0, 1\), got 1.5"),
+        ("learning_rate: fast\n", r"Config.learning_rate: expected a positive float, got 'fast'"),
+        ("label_smoothing: 1.5\n", r"Config.label_smoothing: expected a float in \[0, 1\), got 1.5"),
         ("cross_attn_layers: [0, 9]\n", r"Config.cross_attn_layers: expected layer indices in \[0, "
                                         r"decoder_layers=6\), got \[0, 9\]"),
         ("headdim: 48\n", r"Config.headdim: expected a divisor of expand \* d_model = 512, got 48"),
