@@ -8,6 +8,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from seqmem_shared.config import (
+    Check,
+    ConfigError,
+    boolean,
+    choice,
+    from_dict,
+    integer,
+    number,
+    optional,
+    string,
+    validate,
+)
+
 MODEL_TYPE = re.compile(r"^(attention_only|transformer)_([1-9][0-9]*)L$")
 ATTENTION_IMPLS = ("auto", "quadratic", "linear")
 NORMS = (None, "rms")
@@ -53,39 +66,14 @@ class ModelConfig:
     linear_crossover: int = DEFAULT_LINEAR_CROSSOVER
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model_type, str) or not MODEL_TYPE.match(self.model_type):
-            _fail("model_type", "'attention_only_{n}L' or 'transformer_{n}L' (e.g. 'transformer_2L')",
-                  self.model_type)
-        for name in ("vocab_size", "d_model", "n_head", "n_ctx", "linear_crossover"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                _fail(name, "a positive integer", v)
-        if self.d_model % self.n_head:
-            _fail("n_head", f"a divisor of d_model={self.d_model}", self.n_head)
-        if self.use_rope and self.d_head % 2:
-            _fail("n_head", f"a value giving an even d_head with RoPE (d_model={self.d_model})", self.n_head)
         if self.d_mlp is None:
-            self.d_mlp = 4 * self.d_model
-        if not _is_int(self.d_mlp) or self.d_mlp < 1:
-            _fail("d_mlp", "a positive integer or null (4 * d_model)", self.d_mlp)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            _fail("dropout", "a float in [0, 1)", self.dropout)
-        self.dropout = float(self.dropout)
-        for name in ("use_rope", "tie_weights", "qk_norm", "bias"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, "true or false", getattr(self, name))
-        if self.norm not in NORMS:
-            _fail("norm", "null or 'rms'", self.norm)
-        if self.init not in INITS:
-            _fail("init", "'seed' or 'unit'", self.init)
-        if self.attention_impl not in ATTENTION_IMPLS:
-            _fail("attention_impl", "one of 'auto', 'quadratic', 'linear'", self.attention_impl)
-        for name in ("rope_base", "init_std"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                _fail(name, "a positive float", v)
-            setattr(self, name, float(v))
+            self.d_mlp = 4 * self.d_model if _is_int(self.d_model) else None
+        validate(self, _CHECKS)
+        if self.d_model % self.n_head:
+            raise ConfigError.invalid(self, "n_head", f"a divisor of d_model={self.d_model}", self.n_head)
+        if self.use_rope and self.d_head % 2:
+            raise ConfigError.invalid(self, "n_head", f"a value giving an even d_head with RoPE "
+                                      f"(d_model={self.d_model})", self.n_head)
 
     @property
     def n_layers(self) -> int:
@@ -111,18 +99,30 @@ class ModelConfig:
     def from_dict(cls, d: Mapping[str, Any], *, strict: bool = False) -> ModelConfig:
         """Build from a JSON dict. Keys that are not fields (the seed's ``num_batches``,
         ``final_train_loss``, ...) are ignored unless ``strict``."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"ModelConfig: expected a mapping of field -> value, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in names]
-        if strict and unknown:
-            raise ValueError(f"ModelConfig: unknown field {unknown[0]!r}; expected one of {', '.join(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return from_dict(cls, d, strict=strict)
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _fail(name: str, expected: str, value: Any) -> None:
-    raise ValueError(f"ModelConfig.{name}: expected {expected}, got {value!r}")
+_CHECKS: dict[str, Check] = {
+    "model_type": string(pattern=MODEL_TYPE.pattern,
+                         expected="'attention_only_{n}L' or 'transformer_{n}L' (e.g. 'transformer_2L')"),
+    "vocab_size": integer(1),
+    "d_model": integer(1),
+    "n_head": integer(1),
+    "n_ctx": integer(1),
+    "dropout": number(0.0, 1.0, hi_open=True),
+    "d_mlp": optional(integer(1), expected="a positive integer or null (4 * d_model)"),
+    "use_rope": boolean(),
+    "tie_weights": boolean(),
+    "qk_norm": boolean(),
+    "norm": choice(*NORMS),
+    "attention_impl": choice(*ATTENTION_IMPLS),
+    "rope_base": number(0.0, lo_open=True),
+    "bias": boolean(),
+    "init_std": number(0.0, lo_open=True),
+    "init": choice(*INITS),
+    "linear_crossover": integer(1),
+}
