@@ -10,14 +10,29 @@ dict ``{batch, model_state_dict, optimizer_state_dict, val_loss, config}``; plus
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from seqmem_shared.config import (
+    Check,
+    ConfigError,
+    boolean,
+    choice,
+    from_dict,
+    integer,
+    number,
+    parse_value,
+    path,
+    read_config_file,
+    sequence,
+    validate,
+)
 from seqmem_shared.io import atomic_torch_save
+from seqmem_shared.train.config import PRECISIONS
 
 from .data import RandomCrops, decode_bytes, load_byte_splits
 from .mac_transformer import MemoryAsContextTransformer
@@ -74,18 +89,18 @@ class TrainMACConfig:
     seed: int = 0
     precision: str = "auto"
 
+    def __post_init__(self) -> None:
+        validate(self, _CHECKS)
+        if any(layer > self.depth for layer in self.neural_mem_layers):
+            raise ConfigError.invalid(
+                self, "neural_mem_layers", f"layer numbers in [1, depth={self.depth}]", self.neural_mem_layers
+            )
+
     @classmethod
-    def from_mapping(cls, raw: dict[str, Any]) -> TrainMACConfig:
-        names = {f.name for f in fields(cls)}
-        out = {}
-        for key, value in raw.items():
-            name = key.lower().replace("-", "_")
-            if name not in names:
-                raise ValueError(
-                    f"config: unknown hyperparameter {key!r}; expected one of {', '.join(sorted(names))}"
-                )
-            out[name] = tuple(value) if name == "neural_mem_layers" else value
-        return cls(**out)
+    def from_mapping(cls, raw: dict[str, Any], source: str = "") -> TrainMACConfig:
+        """Build from seed-style keys (``NUM_BATCHES``, ``num-batches``, ...); unknown keys and invalid
+        values raise :class:`~seqmem_shared.config.ConfigError` (prefixed by ``source``)."""
+        return from_dict(cls, raw, source, key=_field_name)
 
     def build_model(self) -> MemoryAsContextTransformer:
         mem_model = (
@@ -122,6 +137,57 @@ class TrainMACConfig:
                 spectral_norm_surprises=self.neural_mem_spec_norm_surprises,
             ),
         )
+
+
+def _field_name(key: str) -> str:
+    return key.lower().replace("-", "_")
+
+
+_CHECKS: dict[str, Check] = {
+    "num_batches": integer(1),
+    "batch_size": integer(1),
+    "gradient_accumulate_every": integer(1),
+    "learning_rate": number(0.0, lo_open=True),
+    "validate_every": integer(0, expected="a non-negative integer (0: only at the end)"),
+    "generate_every": integer(0, expected="a non-negative integer (0: never)"),
+    "prime_length": integer(1),
+    "generate_length": integer(1),
+    "should_generate": boolean(),
+    "seq_len": integer(1),
+    "neural_memory_depth": integer(1),
+    "num_persist_mem": integer(0),
+    "num_longterm_mem": integer(0),
+    "neural_mem_layers": sequence(integer(1), distinct=True,
+                                  expected="a list of distinct layer numbers >= 1"),
+    "neural_mem_gate_attn_output": boolean(),
+    "neural_mem_momentum": boolean(),
+    "neural_mem_momentum_order": integer(1),
+    "neural_mem_qk_norm": boolean(),
+    "neural_mem_max_lr": number(0.0, lo_open=True),
+    "use_mem_attention_model": boolean(),
+    "window_size": integer(1),
+    "neural_mem_segment_len": integer(1),
+    "neural_mem_batch_size": integer(1),
+    "sliding_windows": boolean(),
+    "store_attn_pool_chunks": boolean(),
+    "memory_model_per_layer_learned_lr": boolean(),
+    "neural_mem_weight_residual": boolean(),
+    "neural_mem_qkv_receives_diff_view": boolean(),
+    "neural_mem_spec_norm_surprises": boolean(),
+    "use_accelerated_scan": boolean(),
+    "use_flex_attn": boolean(),
+    "use_fast_inference": boolean(),
+    "dim": integer(1),
+    "depth": integer(1),
+    "num_tokens": integer(1),
+    "max_grad_norm": number(0.0, expected="a non-negative float (0 disables clipping)"),
+    "save_every": integer(0, expected="a non-negative integer (0: only at the end)"),
+    "val_batches": integer(1),
+    "data_path": path(expected="a file path"),
+    "out_dir": path(expected="a directory path"),
+    "seed": integer(0),
+    "precision": choice(*PRECISIONS),
+}
 
 
 def _seed_checkpoint(trainer, cfg: TrainMACConfig, val_loss: float | None) -> dict:
@@ -192,36 +258,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON file of hyperparameters (seed names, any case)")
     for f in fields(TrainMACConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(
-                flag, type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL", default=None
-            )
-        elif f.name == "neural_mem_layers":
+        if f.name == "neural_mem_layers":
             p.add_argument(flag, type=int, nargs="*", default=None)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=None)
+        else:  # typed by the field's annotation, checked by TrainMACConfig
+            kind = functools.partial(parse_value, TrainMACConfig, f.name)
+            metavar = "BOOL" if f.type in ("bool", bool) else None
+            p.add_argument(flag, type=kind, default=None, metavar=metavar)
     p.add_argument("--no-resume", action="store_true", help="start over even if out-dir has a checkpoint")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def load_config(args: argparse.Namespace) -> TrainMACConfig:
-    raw: dict[str, Any] = {}
-    if args.config:
-        text = Path(args.config).read_text()
-        if args.config.endswith((".yaml", ".yml")):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-        else:
-            raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise ValueError(f"config: {args.config} must hold a mapping of hyperparameter -> value")
-    raw |= {
-        f.name: getattr(args, f.name) for f in fields(TrainMACConfig) if getattr(args, f.name) is not None
-    }
-    return TrainMACConfig.from_mapping(raw)
+    """``--config`` (YAML, or JSON when it ends in .json) with the flags given on top; a
+    :class:`~seqmem_shared.config.ConfigError` names the file or "command line" and the field."""
+    raw = read_config_file(args.config) if args.config else {}
+    flags = {f.name: v for f in fields(TrainMACConfig) if (v := getattr(args, f.name)) is not None}
+    try:
+        return TrainMACConfig.from_mapping({**raw, **flags})
+    except ConfigError as exc:
+        raise exc.with_source("command line" if exc.field in flags else args.config or "") from None
 
 
 def train_main(argv: list[str] | None = None) -> int:
