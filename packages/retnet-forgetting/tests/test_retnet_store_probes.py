@@ -58,7 +58,8 @@ def test_reductions_shapes_and_determinism():
         r = StateReduction(kind, rank_k=4, rank_v=6)
         assert r(s).shape == (3, 2, f) == (3, 2, r.features(16, 32))
     torch.testing.assert_close(StateReduction(seed=1)(s), StateReduction(seed=1)(s))
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(ValueError, match=r"StateReduction\.kind: expected one of 'none', 'bilinear', "
+                                         r"'value_mean', got 'pca'"):
         StateReduction("pca")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from seqmem_shared.config import choice, integer, validate
 
 REDUCTIONS = ("none", "bilinear", "value_mean")
 
@@ -46,8 +47,8 @@ class StateReduction:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in REDUCTIONS:
-            raise ValueError(f"reduction kind={self.kind!r}: expected one of {REDUCTIONS}")
+        validate(self, {"kind": choice(*REDUCTIONS), "rank_k": integer(1), "rank_v": integer(1),
+                        "seed": integer(0)})
         self._proj: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def features(self, head_k_dim: int, head_v_dim: int) -> int:

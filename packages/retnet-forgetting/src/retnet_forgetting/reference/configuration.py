@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seqmem_shared.config import Check, ConfigError, choice, integer, optional, validate
 from seqmem_shared.io import atomic_write_json
 
 ATTN_MODES = ("chunk", "fused_chunk", "parallel", "fused_recurrent")
@@ -83,14 +84,12 @@ class RetNetConfig:
         return 256 * ((size + 255) // 256)
 
     def validate(self) -> None:
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"RetNetConfig.{name}={getattr(self, name)!r}: expected {expected}")
+        """Raise :class:`~seqmem_shared.config.ConfigError` (a ``ValueError``) naming the first field the
+        reference cannot use."""
+        def bad(name: str, expected: str) -> ConfigError:
+            return ConfigError.invalid(self, name, expected, getattr(self, name))
 
-        if self.attn_mode not in ATTN_MODES:
-            raise bad("attn_mode", f"one of {ATTN_MODES}")
-        for name in ("hidden_size", "num_hidden_layers", "num_heads", "vocab_size"):
-            if int(getattr(self, name)) <= 0:
-                raise bad(name, "a positive integer")
+        validate(self, _CHECKS)
         for name, dim in (("expand_k", self.hidden_size * self.expand_k),
                           ("expand_v", self.hidden_size * self.expand_v)):
             if abs(dim - round(dim)) > 1e-6 or round(dim) % self.num_heads:
@@ -101,16 +100,6 @@ class RetNetConfig:
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise bad("num_kv_heads", f"a divisor of num_heads={self.num_heads}")
-        if self.use_short_conv:
-            raise bad("use_short_conv", "False (fla's RetNet layer never uses a short convolution)")
-        if self.feature_map is not None:
-            raise bad("feature_map", "None (the reference implements RetNet without a q/k feature map)")
-        if self.hidden_act != "swish":
-            raise bad("hidden_act", "'swish'")
-        if self.attn is not None:
-            raise bad("attn", "None (hybrid attention layers are not part of the reference)")
-        if self.attnres_block_size is not None:
-            raise bad("attnres_block_size", "None (attention residuals are not part of the reference)")
 
     # -- serialization --
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +138,20 @@ class RetNetConfig:
         embed = self.vocab_size * H
         return L * per_layer + H + embed * (1 if self.tie_word_embeddings else 2)
 
+
+_CHECKS: dict[str, Check] = {
+    "attn_mode": choice(*ATTN_MODES),
+    "hidden_size": integer(1),
+    "num_hidden_layers": integer(1),
+    "num_heads": integer(1),
+    "num_kv_heads": optional(integer(1)),
+    "vocab_size": integer(1),
+    "use_short_conv": choice(False, expected="false (fla's RetNet layer never uses a short convolution)"),
+    "feature_map": choice(None, expected="null (the reference implements RetNet without a q/k feature map)"),
+    "hidden_act": choice("swish"),
+    "attn": choice(None, expected="null (hybrid attention layers are not part of the reference)"),
+    "attnres_block_size": choice(None, expected="null (attention residuals are not part of the reference)"),
+}
 
 RETNET_2_7B = dict(hidden_size=2560, num_hidden_layers=32, num_heads=10, expand_k=1, expand_v=2,
                    hidden_ratio=2, vocab_size=32000, norm_eps=1e-6, max_position_embeddings=2048,
