@@ -1,7 +1,8 @@
 """Benchmark cross_entropy and linear_cross_entropy against torch eager, torch.compile and Liger-Kernel.
 
 Prints one JSON document (and writes it to ``--out`` when given). Label smoothing 0.1, bf16 inputs,
-forward + backward timed with ``triton.testing.do_bench`` (median, gradients reset between runs), and
+forward + backward timed with ``seqmem_shared.benchmarking.measure`` (median of CUDA-event times, cold L2,
+gradients reset between runs), and
 the peak memory of one forward + backward: ``peak_GB`` counts everything allocated (inputs included),
 ``extra_GB`` what the step allocates beyond its inputs.
 
@@ -24,42 +25,25 @@ and the chunk buffer, not with V.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
-import json
 import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from seqmem_shared.benchmarking import (
+    copy_bandwidth_gbps,
+    environment,
+    median_ms,
+    peak_memory,
+    print_json,
+    short_error,
+)
 
 SMOOTHING = 0.1
 
 
-def _bandwidth_gbps(do_bench) -> float:
-    n = 1 << 28  # 1 GiB of float32
-    src = torch.randn(n, device="cuda")
-    ms = do_bench(functools.partial(torch.Tensor.copy_, torch.empty_like(src), src), warmup=25, rep=200,
-                  return_mode="median")
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
-
-
-def _peak(fn: Callable[[], object]) -> tuple[float, float]:
-    """(peak allocated GB during ``fn``, GB beyond what was allocated before it)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return peak / 1e9, (peak - base) / 1e9
-
-
-def _why(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-
-
-def _measure(do_bench, step: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> dict | str:
+def _measure(step: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> dict | str:
     """Time and peak memory of ``step`` (forward, returns the loss) followed by ``loss.backward()``."""
     def fwd_bwd():
         loss = step()
@@ -70,19 +54,17 @@ def _measure(do_bench, step: Callable[[], torch.Tensor], leaves: list[torch.Tens
         loss = fwd_bwd()  # compile / warm up
         for t in leaves:
             t.grad = None
-        ms = do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
+        ms = median_ms(fwd_bwd, warmup=10, reps=100, grad_to_none=leaves, flush_l2=True)
+        peak, extra = peak_memory(fwd_bwd)
         for t in leaves:
             t.grad = None
-        peak, extra = _peak(fwd_bwd)
-        for t in leaves:
-            t.grad = None
-        return {"ms": round(ms, 4), "peak_GB": round(peak, 3), "extra_GB": round(extra, 3),
+        return {"ms": round(ms, 4), "peak_GB": round(peak / 1e9, 3), "extra_GB": round(extra / 1e9, 3),
                 "loss": round(loss.item(), 5)}
     except Exception as exc:  # noqa: BLE001 - report (e.g. out of memory) and go on with the others
         for t in leaves:
             t.grad = None
         torch.cuda.empty_cache()
-        return f"failed ({_why(exc)})"
+        return f"failed ({short_error(exc)})"
 
 
 def _liger(name: str):
@@ -91,10 +73,10 @@ def _liger(name: str):
 
         return getattr(lt, name)
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-        return f"unavailable ({_why(exc)})"
+        return f"unavailable ({short_error(exc)})"
 
 
-def bench_cross_entropy(do_bench, tokens: int, vocab: int, bandwidth: float) -> dict:
+def bench_cross_entropy(tokens: int, vocab: int, bandwidth: float) -> dict:
     from seqmem_shared.kernels.cross_entropy import cross_entropy
 
     g = torch.Generator(device="cuda").manual_seed(vocab)
@@ -121,7 +103,7 @@ def bench_cross_entropy(do_bench, tokens: int, vocab: int, bandwidth: float) -> 
             entry["results"][name] = fn
             continue
         x = base.clone().requires_grad_()  # in-place implementations overwrite their own copy
-        entry["results"][name] = _measure(do_bench, functools.partial(fn, x), [x])
+        entry["results"][name] = _measure(functools.partial(fn, x), [x])
         del x
         torch.cuda.empty_cache()
     ours = entry["results"]["ours"]
@@ -132,7 +114,7 @@ def bench_cross_entropy(do_bench, tokens: int, vocab: int, bandwidth: float) -> 
     return entry
 
 
-def bench_linear(do_bench, tokens: int, dim: int, vocab: int) -> dict:
+def bench_linear(tokens: int, dim: int, vocab: int) -> dict:
     from seqmem_shared.kernels.cross_entropy import linear_cross_entropy
 
     g = torch.Generator(device="cuda").manual_seed(dim * vocab)
@@ -148,7 +130,7 @@ def bench_linear(do_bench, tokens: int, dim: int, vocab: int) -> dict:
     }
     entry: dict = {"tokens": tokens, "d": dim, "vocab": vocab, "results": {}}
     for name, fn in impls.items():
-        entry["results"][name] = fn if isinstance(fn, str) else _measure(do_bench, fn, [h, w])
+        entry["results"][name] = fn if isinstance(fn, str) else _measure(fn, [h, w])
         torch.cuda.empty_cache()
     ours = entry["results"]["ours"]
     if isinstance(ours, dict):
@@ -159,7 +141,7 @@ def bench_linear(do_bench, tokens: int, dim: int, vocab: int) -> dict:
     return entry
 
 
-def sweep(do_bench, tokens: int, vocabs: list[int], bandwidth: float) -> list[dict]:
+def sweep(tokens: int, vocabs: list[int], bandwidth: float) -> list[dict]:
     """Time of the forward-with-gradient kernel over (BLOCK_V, num_warps, num_stages, programs);
     unaligned rows at the default config."""
     from seqmem_shared.kernels.cross_entropy import triton as kernels
@@ -190,9 +172,9 @@ def sweep(do_bench, tokens: int, vocabs: list[int], bandwidth: float) -> list[di
                                         block_v=block, num_warps=warps, num_stages=stages, programs=programs,
                                         l2_hints=hints)
                 try:
-                    ms = do_bench(run, warmup=10, rep=50, return_mode="median")
+                    ms = median_ms(run, warmup=5, reps=50, flush_l2=True)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of resources for a config
-                    rows.append(config | {"error": _why(exc)})
+                    rows.append(config | {"error": short_error(exc)})
                     continue
                 rows.append(config | {"ms": round(ms, 4), "over_floor": round(ms / floor_ms, 3)})
         out.append({"vocab": vocab, "tokens": tokens, "floor_ms": round(floor_ms, 4),
@@ -213,41 +195,23 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_cross_entropy: needs a CUDA device")
-    import triton
-    from triton.testing import do_bench
-
-    bandwidth = _bandwidth_gbps(do_bench)
-    try:
-        from importlib.metadata import version
-
-        liger_version = version("liger-kernel")
-    except Exception:  # noqa: BLE001 - not installed
-        liger_version = "unavailable"
+    bandwidth = copy_bandwidth_gbps()
     results: dict = {
         "benchmark": "cross_entropy",
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "liger_kernel": liger_version,
+        **environment("liger-kernel"),
         "dtype": "bfloat16",
         "label_smoothing": SMOOTHING,
         "copy_bandwidth_GBps": round(bandwidth, 1),
     }
     if args.sweep:
-        results["sweep"] = sweep(do_bench, args.tokens, args.vocabs, bandwidth)
+        results["sweep"] = sweep(args.tokens, args.vocabs, bandwidth)
     else:
-        results["cross_entropy"] = [bench_cross_entropy(do_bench, args.tokens, v, bandwidth)
+        results["cross_entropy"] = [bench_cross_entropy(args.tokens, v, bandwidth)
                                     for v in args.vocabs]
         if not args.skip_linear:
-            results["linear_cross_entropy"] = [bench_linear(do_bench, args.tokens, d, v)
+            results["linear_cross_entropy"] = [bench_linear(args.tokens, d, v)
                                                for d in args.dims for v in args.vocabs]
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        from seqmem_shared.io import atomic_write_text
-
-        atomic_write_text(args.out, text + "\n")
+    print_json(results, args.out)
     return results
 
 

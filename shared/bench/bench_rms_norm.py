@@ -2,9 +2,9 @@
 
 Prints one JSON document (and writes it to ``--out`` when given). For every hidden size ``d`` and
 implementation: median time of forward-only (under ``no_grad``) and forward + backward
-(``triton.testing.do_bench``, grads reset between runs), the same forward + backward captured in a
-CUDA graph (device time without Python/launch overhead, which dominates at small sizes), and the peak
-memory the forward + backward allocates beyond its inputs.
+(``seqmem_shared.benchmarking.measure``: CUDA events per call, cold L2, grads reset between runs), the
+same forward + backward captured in a CUDA graph (device time without Python/launch overhead, which
+dominates at small sizes), and the peak memory the forward + backward allocates beyond its inputs.
 
 HBM traffic floor, with ``b`` = bytes per activation element, ``bw`` per weight element, N rows:
   forward:            read x, write y, read w                     = 2*N*d*b + d*bw
@@ -20,7 +20,6 @@ bandwidth measured in the same run by a device-to-device copy (bytes read + writ
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import json
 import sys
@@ -28,23 +27,19 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from seqmem_shared.benchmarking import (
+    copy_bandwidth_gbps,
+    environment,
+    median_ms,
+    peak_memory,
+    print_json,
+    short_error,
+)
 
 
-def _bandwidth_gbps(do_bench) -> float:
-    n = 1 << 28  # 1 GiB of float32
-    src = torch.randn(n, device="cuda")
-    ms = do_bench(functools.partial(torch.Tensor.copy_, torch.empty_like(src), src), warmup=25, rep=200,
-                  return_mode="median")
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
-
-
-def _peak_mb(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+def _time(fn: Callable[[], object], **kwargs) -> float:
+    """Median ms of ``fn`` with a cold L2 before every call."""
+    return median_ms(fn, warmup=10, reps=100, flush_l2=True, **kwargs)
 
 
 def _forward(fn: Callable, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -56,7 +51,7 @@ def _forward_backward(fn: Callable, x: torch.Tensor, w: torch.Tensor, dy: torch.
     fn(x, w).backward(dy)
 
 
-def _graph_ms(do_bench, fwd_bwd: Callable[[], None], x: torch.Tensor, w: torch.Tensor) -> float | str:
+def _graph_ms(fwd_bwd: Callable[[], None], x: torch.Tensor, w: torch.Tensor) -> float | str:
     """Median time of one CUDA-graph replay of ``fwd_bwd``: device time without host overhead."""
     try:
         side = torch.cuda.Stream()
@@ -69,13 +64,13 @@ def _graph_ms(do_bench, fwd_bwd: Callable[[], None], x: torch.Tensor, w: torch.T
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fwd_bwd()
-        ms = do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+        ms = _time(graph.replay)
         x.grad = w.grad = None
         del graph
         return round(ms, 4)
     except Exception as exc:  # noqa: BLE001 - report why an implementation cannot be captured
         x.grad = w.grad = None
-        return f"not capturable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        return f"not capturable ({short_error(exc, 120)})"
 
 
 def _implementations(d: int, eps: float, weight: torch.nn.Parameter) -> dict[str, Callable | str]:
@@ -104,16 +99,10 @@ def _implementations(d: int, eps: float, weight: torch.nn.Parameter) -> dict[str
 
 
 def bench(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -> dict:
-    import triton
-    from triton.testing import do_bench
-
-    bandwidth = _bandwidth_gbps(do_bench)
+    bandwidth = copy_bandwidth_gbps()
     results = {
         "benchmark": "rms_norm",
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **environment("liger-kernel"),
         "rows": rows,
         "dtype": str(dtype).removeprefix("torch."),
         "copy_bandwidth_GBps": round(bandwidth, 1),
@@ -139,13 +128,12 @@ def bench(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -> 
             fwd_bwd = functools.partial(_forward_backward, fn, x, w, dy.clone())
             fwd_bwd()  # compile / warm up
             x.grad = w.grad = None
-            fwd_ms = do_bench(fwd, warmup=25, rep=100, return_mode="median")
-            fb_ms = do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=[x, w], return_mode="median")
-            x.grad = w.grad = None
-            peak = _peak_mb(fwd_bwd)
+            fwd_ms = _time(fwd)
+            fb_ms = _time(fwd_bwd, grad_to_none=[x, w])
+            peak = peak_memory(fwd_bwd).extra_bytes / 2**20
             x.grad = w.grad = None
             entry["impls"][name] = {"fwd_ms": round(fwd_ms, 4), "fwd_bwd_ms": round(fb_ms, 4),
-                                    "fwd_bwd_cuda_graph_ms": _graph_ms(do_bench, fwd_bwd, x, w),
+                                    "fwd_bwd_cuda_graph_ms": _graph_ms(fwd_bwd, x, w),
                                     "fwd_bwd_peak_extra_MB": round(peak, 1)}
         ours = entry["impls"]["seqmem_triton"]
         peers = {k: v for k, v in entry["impls"].items() if isinstance(v, dict)
@@ -180,9 +168,8 @@ def tune(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -> d
     """Time our forward and backward kernels over a grid of launch configs; report the best per d."""
     import triton
     from seqmem_shared.kernels.rms_norm import triton as kernels
-    from triton.testing import do_bench
 
-    out: dict = {"device": torch.cuda.get_device_name(), "rows": rows, "dtype": str(dtype), "sizes": []}
+    out: dict = {**environment(), "rows": rows, "dtype": str(dtype), "sizes": []}
     for d in dims:
         x = torch.randn(rows, d, device="cuda").to(dtype)
         w = (1 + 0.1 * torch.randn(d, device="cuda")).to(dtype)
@@ -201,19 +188,19 @@ def tune(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -> d
                     continue
                 cfg = kernels.Config(block_r, bd, warps)
                 if fused or block_r == 1:  # the split forward takes one row per program
-                    ms = do_bench(functools.partial(fwd, config=cfg), return_mode="median")
+                    ms = _time(functools.partial(fwd, config=cfg))
                     fwd_times.append((ms, cfg))
                 for pps in (1, 2, 4, 8):
                     cfg = kernels.Config(block_r, bd, warps, pps)
-                    ms = do_bench(functools.partial(bwd, config=cfg), return_mode="median")
+                    ms = _time(functools.partial(bwd, config=cfg))
                     bwd_times.append((ms, cfg))
         fwd_times.sort(key=lambda t: t[0])
         bwd_times.sort(key=lambda t: t[0])
         show = lambda times: [[round(ms, 4), cfg.__dict__] for ms, cfg in times]
         out["sizes"].append({
             "d": d,
-            "default_fwd": show([(do_bench(fwd, return_mode="median"), kernels.fwd_config(d))]),
-            "default_bwd": show([(do_bench(bwd, return_mode="median"), kernels.bwd_config(d))]),
+            "default_fwd": show([(_time(fwd), kernels.fwd_config(d))]),
+            "default_bwd": show([(_time(bwd), kernels.bwd_config(d))]),
             "best_fwd": show(fwd_times[:4]), "best_bwd": show(bwd_times[:6]),
         })
         print(json.dumps(out["sizes"][-1]), file=sys.stderr, flush=True)
@@ -227,7 +214,7 @@ def profile(rows: int, dims: list[int], dtype: torch.dtype, eps: float = 1e-6) -
     import pstats
     import time
 
-    out: dict = {"device": torch.cuda.get_device_name(), "rows": rows, "sizes": []}
+    out: dict = {**environment(), "rows": rows, "sizes": []}
     for d in dims:
         x = torch.randn(rows, d, device="cuda").to(dtype).requires_grad_()
         w = torch.nn.Parameter((1 + 0.1 * torch.randn(d, device="cuda")).to(dtype))
@@ -274,13 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_rms_norm: needs a CUDA device")
     dtype = getattr(torch, args.dtype)
     run = tune if args.tune else profile if args.profile else bench
-    result = run(args.rows, args.dims, dtype)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        from seqmem_shared.io import atomic_write_text
-
-        atomic_write_text(args.out, text + "\n")
-    print(text)
+    print_json(run(args.rows, args.dims, dtype), args.out)
 
 
 if __name__ == "__main__":
