@@ -128,7 +128,7 @@ def test_from_dict_unknown_keys_hints_and_sources():
         from_dict(Run, [1, 2])
     assert from_dict(Run, {"zzz": 1, "steps": 3}, strict=False).steps == 3
     assert from_dict(Run, {"STEPS": 5}, key=str.lower).steps == 5
-    with pytest.raises(ConfigError, match="unknown field 'STEP'"):
+    with pytest.raises(ConfigError, match=r"unknown field 'STEP' \(did you mean 'steps'\?\)"):
         from_dict(Run, {"STEP": 5}, key=str.lower)
     assert from_dict(Run, {}, _origin="here")._origin == "here"
     with pytest.raises(ConfigError, match="unknown field '_origin'"):

@@ -103,6 +103,15 @@ def _reject() -> None:
     raise ValueError("invalid")
 
 
+def _accepts(expected: str, ok: Callable[[Any], bool]) -> Check:
+    """A check that keeps the value as is when ``ok(value)``."""
+    def normalize(v: Any) -> Any:
+        if not ok(v):
+            _reject()
+        return v
+    return Check(expected, normalize)
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -125,23 +134,14 @@ def integer(min: int | None = None, max: int | None = None, *, expected: str | N
                 min, f"an integer >= {min}")
         else:
             expected = f"an integer <= {max}" if min is None else f"an integer in [{min}, {max}]"
-
-    def normalize(v: Any) -> int:
-        if not _is_int(v) or (min is not None and v < min) or (max is not None and v > max):
-            _reject()
-        return v
-    return Check(expected, normalize)
+    return _accepts(expected, lambda v: _is_int(v) and (min is None or v >= min)
+                    and (max is None or v <= max))
 
 
 def power_of_two(min: int = 1, *, expected: str | None = None) -> Check:
     """An ``int`` power of two, at least ``min``."""
     expected = expected or ("a power of two" if min <= 1 else f"a power of two >= {min}")
-
-    def normalize(v: Any) -> int:
-        if not _is_int(v) or v < max(min, 1) or v & (v - 1):
-            _reject()
-        return v
-    return Check(expected, normalize)
+    return _accepts(expected, lambda v: _is_int(v) and v >= max(min, 1) and not v & (v - 1))
 
 
 def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
@@ -172,11 +172,7 @@ def number(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False
 
 def boolean(*, expected: str = "true or false") -> Check:
     """A ``bool`` (not 0/1, not a string)."""
-    def normalize(v: Any) -> bool:
-        if not isinstance(v, bool):
-            _reject()
-        return v
-    return Check(expected, normalize)
+    return _accepts(expected, lambda v: isinstance(v, bool))
 
 
 def _show(option: Any) -> str:
@@ -186,24 +182,15 @@ def _show(option: Any) -> str:
 def choice(*options: Any, expected: str | None = None) -> Check:
     """One of ``options`` (compared with ``==``; ``None`` is spelled ``null`` in the message)."""
     expected = expected or "one of " + ", ".join(_show(o) for o in options)
-
-    def normalize(v: Any) -> Any:
-        if not any(v == o and type(v) is type(o) for o in options):  # True is not 1
-            _reject()
-        return v
-    return Check(expected, normalize)
+    return _accepts(expected, lambda v: any(v == o and type(v) is type(o) for o in options))  # True is not 1
 
 
 def string(*, nonempty: bool = False, pattern: str | None = None, expected: str | None = None) -> Check:
     """A ``str``; with ``pattern``, one that matches the whole regular expression."""
     regex = re.compile(pattern) if pattern is not None else None
     expected = expected or ("a non-empty string" if nonempty else "a string")
-
-    def normalize(v: Any) -> str:
-        if not isinstance(v, str) or (nonempty and not v) or (regex is not None and not regex.fullmatch(v)):
-            _reject()
-        return v
-    return Check(expected, normalize)
+    return _accepts(expected, lambda v: isinstance(v, str) and (bool(v) or not nonempty)
+                    and (regex is None or regex.fullmatch(v) is not None))
 
 
 def path(*, expected: str = "a path") -> Check:
@@ -272,9 +259,9 @@ def config_fields(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
 
 
-def _unknown_field(cls: type, key: Any, names: Iterable[str], where: str) -> ConfigError:
+def _unknown_field(cls: type, key: Any, names: Iterable[str], where: str, probe: Any = None) -> ConfigError:
     names = list(names)
-    close = difflib.get_close_matches(str(key), names, n=1)
+    close = difflib.get_close_matches(str(key if probe is None else probe), names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else f"; expected one of {', '.join(names)}"
     return ConfigError(f"{where}{cls.__name__}: unknown field {key!r}{hint}")
 
@@ -298,7 +285,7 @@ def from_dict(cls: type[C], data: Any, source: str = "", *, strict: bool = True,
         if name in names:
             kwargs[name] = value
         elif strict:
-            raise _unknown_field(cls, raw, names, where)
+            raise _unknown_field(cls, raw, names, where, probe=name)
     try:
         return cls(**kwargs, **fixed)
     except ConfigError as exc:

@@ -33,6 +33,14 @@ ADJUST_LR_FNS = ("original", "match_rms_adamw", "spectral_unclamped")
 MUON_IMPLS = ("auto", "torch", "seqmem")
 
 
+def _evaluate(closure: Callable[[], Any] | None) -> Any:
+    """``closure()`` with gradients enabled (an optimizer step runs under ``no_grad``), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def newton_schulz(
     grad: Tensor,
     steps: int = NS_STEPS,
@@ -131,10 +139,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient; returns ``closure()`` when given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -241,10 +246,7 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Muon step and one AdamW step; returns ``closure()`` (evaluated once) when given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for child in (self.muon, self.adamw):
             if child is not None:
                 child.step()
