@@ -50,13 +50,14 @@ def _time_ms(fn, device: str, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def bench_neural_memory(side: str, device: str, quick: bool, exchange: Path) -> dict:
+def bench_neural_memory(side: str, device: str, quick: bool, exchange: Path, eager: bool = False) -> dict:
     import torch
     from titans_pytorch import NeuralMemory
 
     torch.manual_seed(0)
     n = 256 if quick else 1024
-    mem = NeuralMemory(dim=384, chunk_size=64).to(device)
+    # ours: the default (compile=None: torch.compile of the dual form on CUDA) or eager (compile=False)
+    mem = NeuralMemory(dim=384, chunk_size=64, **(dict(compile=False) if eager else {})).to(device)
     x = torch.randn(2, n, 384, device=device)
     ckpt = exchange / "neural_memory.pt"
     result: dict = {}
@@ -64,7 +65,7 @@ def bench_neural_memory(side: str, device: str, quick: bool, exchange: Path) -> 
         with torch.no_grad():
             out, _ = mem(x)
         torch.save({"state_dict": mem.state_dict(), "x": x.cpu(), "out": out.cpu()}, ckpt)
-    elif ckpt.exists():
+    elif ckpt.exists() and not eager:
         saved = torch.load(ckpt, map_location=device)
         missing = mem.load_state_dict(saved["state_dict"], strict=False)
         with torch.no_grad():
@@ -123,7 +124,12 @@ def _mac_kwargs(full: bool, use_accelerated_scan: bool, on_cuda: bool) -> dict:
     return kwargs
 
 
-def bench_mac(side: str, device: str, quick: bool, full: bool, accel_scan: bool = False) -> dict:
+def bench_mac(
+    side: str, device: str, quick: bool, full: bool, accel_scan: bool = False, eager: bool = True
+) -> dict:
+    """Training tokens/s. The peer and ``eager`` run the train_mac.py loop (foreach AdamW, eager); ours by
+    default runs :class:`titans_pytorch.TrainStep` (CUDA graph of the whole step, fused AdamW, compiled
+    dual form)."""
     import importlib.util
 
     import torch
@@ -133,27 +139,48 @@ def bench_mac(side: str, device: str, quick: bool, full: bool, accel_scan: bool 
     # the peer's accelerated path also imports accelerated-scan's CUDA ``warp`` extension (JIT-compiled
     # with nvcc on import), so it is opt-in; our dual engine does not use a scan at all
     accel = accel_scan and device == "cuda" and importlib.util.find_spec("accelerated_scan") is not None
-    model = MemoryAsContextTransformer(**_mac_kwargs(full, accel, device == "cuda")).to(device)
+    kwargs = _mac_kwargs(full, accel, device == "cuda")
+    if side == "ours" and eager:
+        kwargs["neural_memory_kwargs"]["compile"] = False
+    model = MemoryAsContextTransformer(**kwargs).to(device)
     # titans-pytorch's per-head memory weights are expanded views of one storage, which in-place optimizer
     # updates reject; give each its own storage (speed is unaffected, and it is what training needs)
     aliased = [p for p in model.parameters() if 0 in p.stride() and p.numel() > 1]
     for p in aliased:
         p.data = p.data.clone()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
     batch, seq = (1, 128) if quick else (4, 512)
     data = torch.randint(0, 256, (batch, seq + 1), device=device)
     losses = []
+    if side == "ours" and not eager:
+        from titans_pytorch import TrainStep
 
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = model(data, return_loss=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        fused = dict(fused=True, capturable=True) if device == "cuda" else {}
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4, **fused)
+        train_step = TrainStep(
+            model,
+            opt,
+            max_grad_norm=0.5,
+            autocast_dtype=torch.bfloat16 if device == "cuda" else None,
+        )
 
-    ms = _time_ms(step, device, *((1, 1) if quick else (3, 8)))
+        def step():
+            losses.append(train_step(data))
+
+        warmup = 1 if quick else train_step.warmup + 2  # eager warm-up calls, the capture, then replays
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
+
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model(data, return_loss=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+
+        warmup = 1 if quick else 3
+    ms = _time_ms(step, device, warmup, 1 if quick else 10)
     out = {
         "step_ms": ms,
         "tokens_per_s": batch * seq / ms * 1e3,
@@ -184,12 +211,18 @@ def worker(args) -> None:
     }
     if device == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
+    ours = args.worker == "ours"
+    quick, accel = args.quick, args.accelerated_scan
     for name, fn in (
-        ("neural_memory", lambda: bench_neural_memory(args.worker, device, args.quick, exchange)),
-        ("mac_train", lambda: bench_mac(args.worker, device, args.quick, False, args.accelerated_scan)),
-        ("mac_train_full", lambda: bench_mac(args.worker, device, args.quick, True, args.accelerated_scan)),
+        ("neural_memory", lambda: bench_neural_memory(args.worker, device, quick, exchange)),
+        ("neural_memory_eager", lambda: bench_neural_memory(args.worker, device, quick, exchange, True)),
+        ("mac_train", lambda: bench_mac(args.worker, device, quick, False, accel, eager=not ours)),
+        ("mac_train_eager", lambda: bench_mac(args.worker, device, quick, False, accel)),
+        ("mac_train_full", lambda: bench_mac(args.worker, device, quick, True, accel, eager=not ours)),
     ):
-        if name == "mac_train_full" and not args.full_mac:
+        if (name == "mac_train_full" and not args.full_mac) or (name.endswith("_eager") and not ours):
+            continue
+        if name in args.skip:
             continue
         try:
             res[name] = fn()
@@ -214,6 +247,7 @@ def run_side(side: str, args, exchange: str) -> dict:
     cmd += ["--quick"] if args.quick else []
     cmd += ["--full-mac"] if args.full_mac else []
     cmd += ["--accelerated-scan"] if args.accelerated_scan else []
+    cmd += ["--skip", *args.skip] if args.skip else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -234,6 +268,9 @@ def main() -> None:
         action="store_true",
         help="use_accelerated_scan=True in the MAC memories (the peer then JIT-builds its CUDA warp scan)",
     )
+    p.add_argument(
+        "--skip", nargs="*", default=[], help="benchmarks to leave out (neural_memory, mac_train_eager, ...)"
+    )
     p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
     p.add_argument("--exchange", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -247,16 +284,20 @@ def main() -> None:
     if args.only == "both":
         try:
             o, q = results["ours"], results["peer"]
-            summary["mac_train_speedup"] = o["mac_train"]["tokens_per_s"] / q["mac_train"]["tokens_per_s"]
-            for prec in ("fp32", "bf16"):
-                key = f"{prec}_forward_backward_ms"
-                summary[f"neural_memory_{prec}_fwd_bwd_speedup"] = (
-                    q["neural_memory"][key] / o["neural_memory"][key]
-                )
-                key = f"{prec}_forward_ms"
-                summary[f"neural_memory_{prec}_fwd_speedup"] = (
-                    q["neural_memory"][key] / o["neural_memory"][key]
-                )
+            for suffix in ("", "_eager"):
+                mac = o.get("mac_train" + suffix, {})
+                if "tokens_per_s" in mac:
+                    summary[f"mac_train{suffix}_speedup"] = (
+                        mac["tokens_per_s"] / q["mac_train"]["tokens_per_s"]
+                    )
+                nm = o.get("neural_memory" + suffix, {})
+                for prec in ("fp32", "bf16"):
+                    for what, key in (("fwd_bwd", "forward_backward_ms"), ("fwd", "forward_ms")):
+                        key = f"{prec}_{key}"
+                        if key in nm:
+                            summary[f"neural_memory{suffix}_{prec}_{what}_speedup"] = (
+                                q["neural_memory"][key] / nm[key]
+                            )
             if (
                 "mac_train_full" in o
                 and "tokens_per_s" in o["mac_train_full"]

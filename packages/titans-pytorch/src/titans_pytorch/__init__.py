@@ -9,6 +9,7 @@ from titans_pytorch.memory_models import (
     MemorySwiGluMLP,
 )
 from titans_pytorch.neural_memory import NeuralMemory, NeuralMemState, mem_state_detach
+from titans_pytorch.train_step import TrainStep
 from titans_pytorch.variants import MemoryAsGateTransformer, MemoryAsLayerTransformer, NeuralMemoryLM
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "NeuralMemState",
     "NeuralMemory",
     "NeuralMemoryLM",
+    "TrainStep",
     "mem_state_detach",
 ]

@@ -30,11 +30,14 @@ from torch.func import functional_call, grad, vmap
 
 from .memory_models import MemoryMLP, ResidualNorm
 from .ops.assoc_scan import AssocScan
+from .ops.compiled import maybe_compiled
 from .ops.mlp_memory import (
     chunk_grad_norms,
     dual_materialize,
+    mlp_dual_read,
     mlp_dual_retrieve,
     mlp_store_grads,
+    token_coefficients,
 )
 from .ops.surprise import (
     momentum_decay_recurrence,
@@ -187,8 +190,10 @@ class NeuralMemory(nn.Module):
     ``(retrieved [b, n, d], NeuralMemState)`` (plus ``(loss, lr)`` [b, h, n * u] with
     ``return_surprises``). Extra keywords of ours: ``engine`` ("auto": dual form when the memory is an
     MLP and the default loss, otherwise the reference), ``scan_backend`` for the momentum/decay scans
-    ("torch", "triton" or "auto"; default "auto" with ``use_accelerated_scan`` else "torch"), and
-    ``forward(..., prev_weights_first_row=0)``: the stored-chunk row at which ``prev_weights`` start.
+    ("torch", "triton" or "auto"; default "auto" with ``use_accelerated_scan`` else "torch"), ``compile``
+    (dual engine: run its gradient, coefficient and read functions through ``torch.compile``; None = on
+    for CUDA inputs when Triton works, False = eager), and ``forward(..., prev_weights_first_row=0)``:
+    the stored-chunk row at which ``prev_weights`` start.
     """
 
     def __init__(
@@ -229,6 +234,7 @@ class NeuralMemory(nn.Module):
         default_model_kwargs: dict | None = None,
         engine: str = "auto",
         scan_backend: str | None = None,
+        compile: bool | None = None,
     ):
         super().__init__()
         dim_head = dim_head if dim_head is not None else dim
@@ -261,6 +267,7 @@ class NeuralMemory(nn.Module):
         self.num_kv_per_token = num_kv_per_token
         self.qkv_receives_diff_views = qkv_receives_diff_views
         self.engine = engine
+        self.compile = compile
         self.use_accelerated_scan = use_accelerated_scan
         self.scan_backend = scan_backend or ("auto" if use_accelerated_scan else "torch")
         self.assoc_scan = AssocScan(use_accelerated=use_accelerated_scan)
@@ -720,7 +727,7 @@ class NeuralMemory(nn.Module):
             )
 
         mats = [weights[k] for k in mat_names]
-        inputs, deltas, gamma_grad, loss = mlp_store_grads(
+        inputs, deltas, gamma_grad, loss = maybe_compiled(mlp_store_grads, self.compile, keys)(
             mats, weights[gamma_name] if residual_norm else None, keys, values
         )
         # per-chunk scale of each parameter's gradient: soft clamp, then layer modulation
@@ -740,7 +747,7 @@ class NeuralMemory(nn.Module):
         # N+1+o = momenta (in fp32 whatever the autocast dtype: products of gates shared by every weight)
         dtype = torch.promote_types(keys.dtype, torch.float32)
         as_float = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
-        rows_c, mom_c = recurrence_coefficients(
+        rows_c, mom_c = maybe_compiled(recurrence_coefficients, self.compile, keys)(
             n_chunks,
             as_float(hp["decay"]),
             as_float(hp["eta"]),
@@ -749,23 +756,17 @@ class NeuralMemory(nn.Module):
         )
         # rows_c [bh, N+1, size]: row r = sum_m rows_c[r, m] u_m + rows_c[r, N] W + sum_o rows_c[r, N+1+o] S_o
         coef = torch.cat((rows_c[..., n_chunks : n_chunks + 1], rows_c[..., n_chunks + 1 :]), dim=-1)
-        chunk_of_token = torch.arange(t, device=keys.device) // cu
-
-        def kappa(chunk_coef: Tensor, k: str) -> Tensor:
-            """[bh, R, N] chunk coefficients -> [bh, R, T] token coefficients of u = -lr * grad."""
-            if factors[k] is not None:
-                chunk_coef = chunk_coef * factors[k].unsqueeze(1)
-            return chunk_coef[..., chunk_of_token] * -lr.unsqueeze(1)
-
         tokens = dict(
             inputs=inputs,
             deltas=deltas,
             gamma_grad=gamma_grad,
-            kappa={k: kappa(rows_c[..., :n_chunks], k) for k in names},
+            chunk_coef=rows_c[..., :n_chunks],
+            lr=lr,
+            factors=[factors[k] for k in names],
         )
 
         def materialize(k: str, row_coef: Tensor, row_state: Tensor) -> Tensor:
-            kap = kappa(row_coef, k)
+            kap = token_coefficients(row_coef, factors[k], lr)
             if k == gamma_name:
                 return dual_materialize(row_state, states[k], None, gamma_grad, kap)
             i = mat_names.index(k)
@@ -856,13 +857,12 @@ class NeuralMemory(nn.Module):
     def _retrieve_dual(self, q: Tensor, rel_rows: Tensor, segment: _Segment) -> Tensor:
         residual_norm, mat_names, gamma_name = self._dual_layout
         d = segment.dual
-        coef = d["coef"][:, rel_rows]  # [bh, P, S]
         states = d["states"]
         if d["tokens"] is None:
             return mlp_dual_retrieve(
                 q,
                 residual_norm,
-                coef,
+                d["coef"][:, rel_rows],
                 [states[k] for k in mat_names],
                 states.get(gamma_name),
                 [q.new_zeros(q.shape[0], 0, w.shape[-2]) for w in (states[k] for k in mat_names)],
@@ -872,18 +872,18 @@ class NeuralMemory(nn.Module):
                 q.new_zeros(q.shape[0], q.shape[1], 0) if residual_norm else None,
             )
         tok = d["tokens"]
-        kap = {k: v[:, rel_rows] for k, v in tok["kappa"].items()}
-        return mlp_dual_retrieve(
+        return maybe_compiled(mlp_dual_read, self.compile, q)(
             q,
-            residual_norm,
-            coef,
+            rel_rows,
+            d["coef"],
+            tok["chunk_coef"],
+            tok["lr"],
+            tok["factors"],
             [states[k] for k in mat_names],
             states.get(gamma_name),
             tok["inputs"],
             tok["deltas"],
             tok["gamma_grad"],
-            [kap[k] for k in mat_names],
-            kap.get(gamma_name),
         )
 
     def _retrieve_reference(self, q: Tensor, start: int, segments: list[_Segment]) -> Tensor:

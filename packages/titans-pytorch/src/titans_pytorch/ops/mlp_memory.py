@@ -131,6 +131,55 @@ def mlp_dual_retrieve(
     return normalize(a)[0] * (gamma + 1.0) + queries
 
 
+def token_coefficients(chunk_coef: Tensor, factor: Tensor | None, lr: Tensor) -> Tensor:
+    """[bh, R, N] chunk coefficients -> [bh, R, T] token coefficients of ``u_t = -lr_t grad_t``.
+
+    factor [bh, N] (per-chunk gradient scale) or None; lr [bh, T] with T a multiple of N (items per chunk
+    contiguous). No gather: chunk m's coefficient is repeated over its T / N items.
+    """
+    if factor is not None:
+        chunk_coef = chunk_coef * factor.unsqueeze(1)
+    bh, r, n = chunk_coef.shape
+    per = lr.shape[-1] // n
+    return chunk_coef.unsqueeze(-1).expand(bh, r, n, per).reshape(bh, r, n * per) * -lr.unsqueeze(1)
+
+
+def mlp_dual_read(
+    queries: Tensor,
+    rows: Tensor,
+    state_coef: Tensor,
+    chunk_coef: Tensor,
+    lr: Tensor,
+    factors: list[Tensor | None],
+    states: list[Tensor],
+    gamma_states: Tensor | None,
+    inputs: list[Tensor],
+    deltas: list[Tensor],
+    gamma_grad: Tensor | None,
+) -> Tensor:
+    """Queries [bh, P, d] read at rows [P] of a stored split in dual form, [bh, P, d].
+
+    state_coef [bh, R, S] / chunk_coef [bh, R, N]: each row's coefficients on the carried states and on
+    the chunk surprises; lr [bh, T]; factors: per-chunk gradient scales [bh, N] (or None) of each matrix,
+    then of gamma when ``gamma_states`` is given. The one function the ``compile`` option compiles.
+    """
+    cc = chunk_coef[:, rows]
+    kappas = [token_coefficients(cc, f, lr) for f in factors]
+    residual_norm = gamma_states is not None
+    return mlp_dual_retrieve(
+        queries,
+        residual_norm,
+        state_coef[:, rows],
+        states,
+        gamma_states,
+        inputs,
+        deltas,
+        gamma_grad,
+        kappas[: len(states)],
+        kappas[-1] if residual_norm else None,
+    )
+
+
 def dual_materialize(
     state_coef: Tensor, states: Tensor, x: Tensor | None, g: Tensor, kappa: Tensor
 ) -> Tensor:
