@@ -48,7 +48,7 @@ def test_copy_bandwidth_environment_and_output(tmp_path, capsys):
     env = environment("pytest", "no-such-dist", device="cpu")
     assert {"date", "device", "torch", "cuda", "triton", "python", "pytest", "no_such_dist"} <= set(env)
     assert env["torch"] == torch.__version__ and env["no_such_dist"] == "unavailable"
-    assert env["pytest"] == pytest.__version__ and len(env["date"]) == 10
+    assert env["pytest"] == pytest.__version__ and len(env["date"]) == 10 and env["device"] == "cpu"
     print_json({"a": 1, **env}, tmp_path / "r.json")
     assert json.loads(capsys.readouterr().out)["a"] == 1
     assert json.loads((tmp_path / "r.json").read_text())["python"] == env["python"]

@@ -151,14 +151,13 @@ def _triton_version() -> str:
 
 
 def environment(*packages: str, device: torch.device | str | None = None) -> dict[str, Any]:
-    """What a benchmark ran on: UTC date, device name, torch, CUDA, triton and python versions, plus the
-    installed version (or "unavailable") of each distribution in ``packages`` under its name with
-    ``-`` -> ``_`` (``environment("liger-kernel")`` adds ``"liger_kernel"``)."""
+    """What a benchmark ran on: UTC date, device (the GPU's name, else "cpu"), torch, CUDA, triton and
+    python versions, plus the installed version (or "unavailable") of each distribution in ``packages``
+    under its name with ``-`` -> ``_`` (``environment("liger-kernel")`` adds ``"liger_kernel"``)."""
     device = _device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     info: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-        "device": name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": _triton_version(),
