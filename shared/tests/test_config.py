@@ -166,9 +166,9 @@ def test_overrides_are_typed_by_the_field():
     assert parse_value(Run, "layers", "[3, 1]") == [3, 1] and parse_value(Run, "amp", "0") is False
     assert parse_value(Run, "amp", "maybe") == "maybe"  # left for the check to report
     assert parse_value(Run, "steps", "[") == "["
-    with pytest.raises(ConfigError, match=r"override 'steps': expected key=value"):
+    with pytest.raises(ConfigError, match=r"^--set 'steps': expected key=value$"):
         parse_overrides(["steps"], Run)
-    with pytest.raises(ConfigError, match=r"override 'stps=3': Run: unknown field 'stps' \(did you mean "):
-        parse_overrides(["stps=3"], Run)
+    with pytest.raises(ConfigError, match=r"^-o 'stps=3': Run: unknown field 'stps' \(did you mean "):
+        parse_overrides(["stps=3"], Run, flag="-o")
     with pytest.raises(ConfigError, match="Run.amp: expected true or false, got 'maybe'"):
         from_dict(Run, parse_overrides(["amp=maybe"], Run))

@@ -373,18 +373,18 @@ def parse_value(cls: type, name: str, text: str) -> Any:
     return _yaml_value(text)
 
 
-def parse_overrides(items: Iterable[str], cls: type) -> dict[str, Any]:
+def parse_overrides(items: Iterable[str], cls: type, flag: str = "--set") -> dict[str, Any]:
     """``["d_state=16", "name=run1"]`` -> ``{"d_state": 16, "name": "run1"}``, each typed by the field
     of dataclass ``cls`` (:func:`parse_value`); an item without ``=`` or an unknown field is a
-    :class:`ConfigError`. Later items win."""
+    :class:`ConfigError` quoting ``flag`` and the item. Later items win."""
     names = config_fields(cls)
     out: dict[str, Any] = {}
     for item in items:
         name, sep, text = item.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ConfigError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"{flag} {item!r}: expected key=value")
         if name not in names:
-            raise _unknown_field(cls, name, names, f"override {item!r}: ")
+            raise _unknown_field(cls, name, names, f"{flag} {item!r}: ")
         out[name] = parse_value(cls, name, text)
     return out
