@@ -1,8 +1,9 @@
 """``retnet-forgetting run``: dataset -> state extraction -> probes -> analysis, with progress and resume.
 
 Every stage writes into ``out_dir`` and is skipped when its output exists (the state store resumes
-shard by shard). Under ``torchrun`` every rank extracts its share of the shards on its own GPU and rank 0
-then fits the probes and writes the report. See ``configs/quick.yaml`` for every option.
+shard by shard). Under ``torchrun`` every rank extracts its share of the shards on its own GPU, then fits
+its share of the probe jobs; rank 0 gathers them and writes the report (:mod:`retnet_forgetting.distributed`).
+See ``configs/quick.yaml`` for every option.
 """
 
 from __future__ import annotations
@@ -77,12 +78,11 @@ def run(cfg: dict[str, Any]) -> Path | None:
     barrier()
     df = build_dataset(cfg, tokenizer, out)
     model = build_model(cfg, tokenizer)
-    store = extract(cfg, model, df, out / "states", rank=dist.rank, world_size=dist.world_size)
+    extract(cfg, model, df, out / "states", rank=dist.rank, world_size=dist.world_size)
     barrier()
+    curves = probe(cfg, StateStore(out / "states"), df, model)  # probe jobs split over ranks
     if dist.rank != 0:
         return None
-    store = StateStore(out / "states")
-    curves = probe(cfg, store, df, model)
     atomic_write(out / "curves.csv", lambda p: curves.to_csv(p, index=False))
     info = get_model_config(model)
     chance = 1.0 / len(df.attrs.get("values") or sorted(df["fact_value"].unique()))
@@ -196,8 +196,11 @@ def extract(cfg: dict[str, Any], model: torch.nn.Module, df, root: Path, rank: i
 
 
 def probe(cfg: dict[str, Any], store: StateStore, df, model: torch.nn.Module):
-    """Probe accuracy per lag for every (layer, head) and every layer, on the held-out-name test split."""
-    import pandas as pd
+    """Probe accuracy per lag for every (layer, head) and every layer, on the held-out-name test split.
+
+    Under torchrun each rank fits its share of the probe jobs (:mod:`retnet_forgetting.distributed`) and
+    rank 0 returns the gathered table (other ranks None), equal to the one-process result."""
+    from retnet_forgetting.distributed import JOB_COLUMN, any_rank, gather_frames, my_jobs
 
     p = cfg["probes"]
     device = next(model.parameters()).device
@@ -220,18 +223,21 @@ def probe(cfg: dict[str, Any], store: StateStore, df, model: torch.nn.Module):
             descs = [{"layer": layer, "head": -1} for layer in layers]
         else:
             raise ValueError(f"probes.groups: {group!r} is not one of 'head', 'layer'")
+        jobs = my_jobs(len(descs))
+        Xg, descs = Xg[jobs], [{**descs[j], JOB_COLUMN: j} for j in jobs]
         for kind in p["kinds"]:
             if kind == "ridge":
                 pr = fit_ridge(Xg[:, tr], y[tr], Xg[:, va], y[va], C)
             elif kind == "logistic":
-                pr = fit_logistic(Xg[:, tr], y[tr], Xg[:, va], y[va], C, **p["logistic"])
+                pr = fit_logistic(Xg[:, tr], y[tr], Xg[:, va], y[va], C, **p["logistic"], sync=any_rank)
             else:
                 raise ValueError(f"probes.kinds: {kind!r} is not one of 'ridge', 'logistic'")
             frames.append(accuracy_by_lag(pr.predict(Xg[:, te]), y[te], lags[te], descs, f"{kind}_{group}"))
     if "readout" in store.manifest["records"]:
         R = store.load("readout")
         Rg = torch.stack([R[layer] for layer in layers]).permute(0, 2, 1, 3).reshape(L * H, N, -1)
-        pred = nearest_centroid(Rg[:, tr], y[tr], Rg[:, te], C)
-        descs = [{"layer": layer, "head": h} for layer in layers for h in range(H)]
+        jobs = my_jobs(L * H)
+        pred = nearest_centroid(Rg[jobs][:, tr], y[tr], Rg[jobs][:, te], C)
+        descs = [{"layer": layers[j // H], "head": j % H, JOB_COLUMN: j} for j in jobs]
         frames.append(accuracy_by_lag(pred, y[te], lags[te], descs, "readout_head"))
-    return pd.concat(frames, ignore_index=True)
+    return gather_frames(frames)

@@ -13,6 +13,7 @@ all layers x heads train in one call (on the GPU when X lives there).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,9 +84,11 @@ def fit_ridge(X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torc
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
                  num_classes: int, weight_decay: float = 1e-3, lr: float = 1e-2, max_steps: int = 500,
-                 patience: int = 50) -> LinearProbe:
+                 patience: int = 50, sync: Callable[[bool], bool] | None = None) -> LinearProbe:
     """Multinomial logistic regression for every group at once, keeping each group's best-validation
-    weights (early stopping when no group improved for ``patience`` steps)."""
+    weights (early stopping when no group improved for ``patience`` steps). ``sync`` maps this process's
+    "some group improved" flag to the verdict of all processes sharing the groups (e.g.
+    :func:`retnet_forgetting.distributed.any_rank`), so that they stop together, as one process would."""
     _check(X, y)
     X = X.float()
     mean, std = _standardize(X)
@@ -112,7 +115,8 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, X_val: torch.Tensor, y_val: t
             better = acc > best_acc
             best_acc = torch.where(better, acc, best_acc)
             best_W[better], best_b[better] = W[better], b[better]
-            since = 0 if bool(better.any()) else since + 1
+            improved = bool(better.any())
+            since = 0 if (sync(improved) if sync is not None else improved) else since + 1
         if since >= patience:
             break
     return LinearProbe(best_W, best_b, mean, std, best_acc)
