@@ -1,4 +1,8 @@
-"""Command line: ``retnet-forgetting run --config X.yaml`` and ``retnet-forgetting train-tiny``."""
+"""Command line: ``retnet-forgetting run --config X.yaml`` and ``retnet-forgetting train-tiny``.
+
+On several GPUs (or CPU processes, gloo): ``torchrun --nproc_per_node=N -m retnet_forgetting.cli run --config
+X.yaml`` splits the extraction shards and the probe jobs over the ranks; rank 0 writes the report.
+"""
 
 from __future__ import annotations
 
