@@ -224,14 +224,16 @@ def worker(args) -> None:
             continue
         if name in args.skip:
             continue
+        t0 = time.perf_counter()
         try:
             res[name] = fn()
         except Exception as exc:  # noqa: BLE001 - report and keep measuring the rest
             res[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        res[name]["bench_s"] = round(time.perf_counter() - t0, 1)  # warm-up and compilation included
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    print("RESULT " + json.dumps(res))
+        print("RESULT " + json.dumps(res), flush=True)  # after every benchmark: a timeout keeps the rest
 
 
 def run_side(side: str, args, exchange: str) -> dict:
@@ -248,11 +250,22 @@ def run_side(side: str, args, exchange: str) -> dict:
     cmd += ["--full-mac"] if args.full_mac else []
     cmd += ["--accelerated-scan"] if args.accelerated_scan else []
     cmd += ["--skip", *args.skip] if args.skip else []
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    return {"side": side, "error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, cwd=exchange)
+        result = None
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT ") :])
+                print(f"[{side}] {line.strip()}", file=sys.stderr, flush=True)  # progress
+        proc.wait()
+        err.seek(0)
+        tail = err.read()[-2000:]
+    if result is None:
+        return {"side": side, "error": f"exit {proc.returncode}", "stderr_tail": tail}
+    if proc.returncode:
+        result["error"] = f"exit {proc.returncode} after the benchmarks above"
+        result["stderr_tail"] = tail
+    return result
 
 
 def main() -> None:

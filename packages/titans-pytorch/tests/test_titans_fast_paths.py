@@ -56,13 +56,14 @@ def test_train_step_rejects_bad_options():
         TrainStep(model, opt, cuda_graph=True)(torch.randint(0, 64, (2, 9)))
 
 
-def test_compile_option_is_eager_on_cpu_by_default():
-    mem = NeuralMemory(16, chunk_size=4)
-    assert mem.compile is None
-    x = torch.randn(2, 9, 16)
-    out, _ = mem(x)
-    mem.compile = False
-    torch.testing.assert_close(mem(x)[0], out, rtol=0, atol=0)  # None on CPU = the eager functions
+def test_compile_is_opt_in():
+    from titans_pytorch.ops.compiled import maybe_compiled
+    from titans_pytorch.ops.mlp_memory import mlp_dual_read
+
+    assert NeuralMemory(16, chunk_size=4).compile is False
+    assert maybe_compiled(mlp_dual_read, False) is mlp_dual_read
+    compiled = maybe_compiled(mlp_dual_read, True)
+    assert compiled is not mlp_dual_read and compiled is maybe_compiled(mlp_dual_read, True)  # cached
 
 
 @pytest.mark.slow

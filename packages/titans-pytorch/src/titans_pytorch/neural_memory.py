@@ -191,9 +191,9 @@ class NeuralMemory(nn.Module):
     ``return_surprises``). Extra keywords of ours: ``engine`` ("auto": dual form when the memory is an
     MLP and the default loss, otherwise the reference), ``scan_backend`` for the momentum/decay scans
     ("torch", "triton" or "auto"; default "auto" with ``use_accelerated_scan`` else "torch"), ``compile``
-    (dual engine: run its gradient, coefficient and read functions through ``torch.compile``; None = on
-    for CUDA inputs when Triton works, False = eager), and ``forward(..., prev_weights_first_row=0)``:
-    the stored-chunk row at which ``prev_weights`` start.
+    (dual engine: run its gradient, coefficient and read functions through ``torch.compile``; off by
+    default: each new shape or dtype costs seconds of compilation for a modest gain), and
+    ``forward(..., prev_weights_first_row=0)``: the stored-chunk row at which ``prev_weights`` start.
     """
 
     def __init__(
@@ -234,7 +234,7 @@ class NeuralMemory(nn.Module):
         default_model_kwargs: dict | None = None,
         engine: str = "auto",
         scan_backend: str | None = None,
-        compile: bool | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         dim_head = dim_head if dim_head is not None else dim
@@ -727,7 +727,7 @@ class NeuralMemory(nn.Module):
             )
 
         mats = [weights[k] for k in mat_names]
-        inputs, deltas, gamma_grad, loss = maybe_compiled(mlp_store_grads, self.compile, keys)(
+        inputs, deltas, gamma_grad, loss = maybe_compiled(mlp_store_grads, self.compile)(
             mats, weights[gamma_name] if residual_norm else None, keys, values
         )
         # per-chunk scale of each parameter's gradient: soft clamp, then layer modulation
@@ -747,7 +747,7 @@ class NeuralMemory(nn.Module):
         # N+1+o = momenta (in fp32 whatever the autocast dtype: products of gates shared by every weight)
         dtype = torch.promote_types(keys.dtype, torch.float32)
         as_float = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
-        rows_c, mom_c = maybe_compiled(recurrence_coefficients, self.compile, keys)(
+        rows_c, mom_c = maybe_compiled(recurrence_coefficients, self.compile)(
             n_chunks,
             as_float(hp["decay"]),
             as_float(hp["eta"]),
@@ -872,7 +872,7 @@ class NeuralMemory(nn.Module):
                 q.new_zeros(q.shape[0], q.shape[1], 0) if residual_norm else None,
             )
         tok = d["tokens"]
-        return maybe_compiled(mlp_dual_read, self.compile, q)(
+        return maybe_compiled(mlp_dual_read, self.compile)(
             q,
             rel_rows,
             d["coef"],
