@@ -77,14 +77,26 @@ def mac_block_mask(
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=kv_len, device=device)
 
 
-def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotary position embedding of x [b, h, n, dh] at integer positions [n] (rotate-half layout)."""
-    half = x.shape[-1] // 2
-    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * freqs[None]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+@functools.lru_cache(maxsize=16)
+def _rotary_table(
+    start: int, n: int, dim: int, base: float, device: torch.device, dtype: torch.dtype, inference: bool
+) -> tuple[Tensor, Tensor]:
+    """(cos [n, dim], signed sin [n, dim]) for positions start..start+n-1, built once per shape and
+    shared by every layer and step (``inference`` keys tensors made under inference mode apart)."""
+    half = dim // 2
+    freqs = base ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
+    angles = torch.arange(start, start + n, device=device, dtype=torch.float32)[:, None] * freqs[None]
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def rotary(x: Tensor, start: int, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding of x [b, h, n, dh] at positions start..start+n-1 (rotate-half layout):
+    ``(x1 cos - x2 sin, x2 cos + x1 sin)``."""
+    n, dim = x.shape[-2:]
+    cos, sin = _rotary_table(start, n, dim, base, x.device, x.dtype, torch.is_inference_mode_enabled())
+    half = dim // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class SegmentedAttention(nn.Module):
@@ -156,11 +168,11 @@ class SegmentedAttention(nn.Module):
         if self.to_learned_v_mix is not None:
             mix = rearrange(self.to_learned_v_mix(self.norm(seq)), "b n h -> b h n 1")
             v = torch.lerp(v, value_residual, mix)
-        q, k = rotary(q, positions), rotary(k, positions)
+        q, k = rotary(q, start), rotary(k, start)
         mk = mv = None
         if memory is not None:
             _, mk, mv = self._kv(memory)
-            mk = rotary(mk, positions)
+            mk = rotary(mk, start)
         pk, pv = (repeat(t, "h p d -> b h p d", b=b).to(k.dtype) for t in self.persistent_memory)
         if cache is None:
             keys = torch.cat([pk] + ([mk] if mk is not None else []) + [k], dim=-2)

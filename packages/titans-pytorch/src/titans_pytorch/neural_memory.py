@@ -37,7 +37,7 @@ from .ops.mlp_memory import (
     mlp_dual_read,
     mlp_dual_retrieve,
     mlp_store_grads,
-    token_coefficients,
+    token_coefficients_per_factor,
 )
 from .ops.surprise import (
     momentum_decay_recurrence,
@@ -765,18 +765,23 @@ class NeuralMemory(nn.Module):
             factors=[factors[k] for k in names],
         )
 
-        def materialize(k: str, row_coef: Tensor, row_state: Tensor) -> Tensor:
-            kap = token_coefficients(row_coef, factors[k], lr)
-            if k == gamma_name:
-                return dual_materialize(row_state, states[k], None, gamma_grad, kap)
-            i = mat_names.index(k)
-            return dual_materialize(row_state, states[k], inputs[i], deltas[i], kap)
+        def materialize(row_coef: Tensor, row_state: Tensor) -> dict[str, Tensor]:
+            """{name: [bh, R, ...]} weights of rows with chunk coefs [bh, R, N] and state coefs [bh, R, S]."""
+            kaps = token_coefficients_per_factor(row_coef, [factors[k] for k in names], lr)
+            out = {}
+            for k, kap in zip(names, kaps):
+                if k == gamma_name:
+                    out[k] = dual_materialize(row_state, states[k], None, gamma_grad, kap)
+                else:
+                    i = mat_names.index(k)
+                    out[k] = dual_materialize(row_state, states[k], inputs[i], deltas[i], kap)
+            return out
 
         # end-of-split weights and momenta, materialised together and only when read (a following split
         # or the caller's next call reads them; a training forward that drops the state never does)
         end_rows = rows_c[:, -1:] if not orders else torch.cat((rows_c[:, -1:], mom_c.transpose(0, 1)), dim=1)
         end_coef = torch.cat((end_rows[..., n_chunks : n_chunks + 1], end_rows[..., n_chunks + 1 :]), dim=-1)
-        ends = LazyUpdates(lambda: {k: materialize(k, end_rows[..., :n_chunks], end_coef) for k in names})
+        ends = LazyUpdates(lambda: materialize(end_rows[..., :n_chunks], end_coef))
         next_update = LazyUpdates(lambda: {k: v[:, 0] for k, v in ends.items()})
         next_momentum = (
             LazyUpdates(lambda: {k: v[:, 1:].transpose(0, 1) for k, v in ends.items()}) if orders else None
@@ -804,7 +809,7 @@ class NeuralMemory(nn.Module):
                     }
                 else:
                     n = s.num_chunks
-                    rows = {k: d["materialize"](k, d["rows_c"][..., :n], d["coef"]) for k in d["states"]}
+                    rows = d["materialize"](d["rows_c"][..., :n], d["coef"])
             else:
                 return None
             parts.append(rows if last else {k: v[:, :-1] for k, v in rows.items()})

@@ -144,6 +144,21 @@ def token_coefficients(chunk_coef: Tensor, factor: Tensor | None, lr: Tensor) ->
     return chunk_coef.unsqueeze(-1).expand(bh, r, n, per).reshape(bh, r, n * per) * -lr.unsqueeze(1)
 
 
+def token_coefficients_per_factor(
+    chunk_coef: Tensor, factors: list[Tensor | None], lr: Tensor
+) -> list[Tensor]:
+    """:func:`token_coefficients` for each factor; parameters without a factor share one tensor."""
+    shared = None
+    out = []
+    for f in factors:
+        if f is None:
+            shared = token_coefficients(chunk_coef, None, lr) if shared is None else shared
+            out.append(shared)
+        else:
+            out.append(token_coefficients(chunk_coef, f, lr))
+    return out
+
+
 def mlp_dual_read(
     queries: Tensor,
     rows: Tensor,
@@ -163,8 +178,7 @@ def mlp_dual_read(
     the chunk surprises; lr [bh, T]; factors: per-chunk gradient scales [bh, N] (or None) of each matrix,
     then of gamma when ``gamma_states`` is given. The one function the ``compile`` option compiles.
     """
-    cc = chunk_coef[:, rows]
-    kappas = [token_coefficients(cc, f, lr) for f in factors]
+    kappas = token_coefficients_per_factor(chunk_coef[:, rows], factors, lr)
     residual_norm = gamma_states is not None
     return mlp_dual_retrieve(
         queries,
