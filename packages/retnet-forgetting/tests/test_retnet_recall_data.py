@@ -49,3 +49,15 @@ def test_custom_names_and_values():
     assert df.attrs["values"] == [10, 20, 30]
     with pytest.raises(ValueError, match="values"):
         generate_recall_dataset(RecallConfig(num_sequences=9, lags=[30], names=names, values=[7, 123456]), t)
+
+
+def test_names_do_not_depend_on_the_hash_seed():
+    """Ranks under torchrun (and reruns) must build the same dataset: no set-order dependence."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from retnet_forgetting.data.recall import make_names; print(make_names(40, 3))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1 and outs.pop().count("'") == 80

@@ -80,7 +80,9 @@ def make_names(n: int, seed: int) -> list[str]:
     names: set[str] = set()
     while len(names) < n:
         names.add("".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize())
-    return sorted(names, key=lambda s: rng.random())
+    ordered = sorted(names)  # a set's order depends on PYTHONHASHSEED: fix it before shuffling
+    rng.shuffle(ordered)
+    return ordered
 
 
 def value_vocabulary(encode, num_values: int, candidates: range = range(1000)) -> list[int]:
@@ -165,8 +167,11 @@ def generate_recall_dataset(config: RecallConfig, tokenizer: Any):
     encode = _encode_fn(tokenizer)
     vocab_size = int(getattr(tokenizer, "vocab_size", 0) or len(tokenizer))
     rng = random.Random(cfg.seed)
-    names = (sorted(set(cfg.names), key=lambda _: rng.random()) if cfg.names is not None
-             else make_names(cfg.num_names, cfg.seed))
+    if cfg.names is not None:
+        names = sorted(set(cfg.names))
+        rng.shuffle(names)
+    else:
+        names = make_names(cfg.num_names, cfg.seed)
     n_train = int(cfg.split_fractions[0] * len(names))
     n_val = int(cfg.split_fractions[1] * len(names))
     split_names = {"train": names[:n_train], "val": names[n_train:n_train + n_val],
