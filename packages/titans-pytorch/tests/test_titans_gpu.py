@@ -92,6 +92,7 @@ def test_bf16_mac_training_step_is_finite():
         opt.zero_grad()
 
 
+@pytest.mark.slow  # compiles three functions forward and backward (tens of seconds)
 def test_compiled_dual_equals_eager_on_cuda():
     torch.manual_seed(0)
     mem = NeuralMemory(64, chunk_size=8, batch_size=32, heads=2, dim_head=32, max_grad_norm=1.0).cuda()
@@ -123,7 +124,8 @@ def test_cuda_graph_train_step_equals_eager():
         neural_memory_kwargs=dict(dim_head=16, heads=4, qk_rmsnorm=True, compile=False),
     ).cuda()
     ref = copy.deepcopy(model)
-    step = TrainStep(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), 0.5, None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    step = TrainStep(model, opt, max_grad_norm=0.5, autocast_dtype=None)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, fused=True)
     data = torch.randint(0, 256, (6, 2, 129), device="cuda")
     for i, batch in enumerate(data):
