@@ -11,7 +11,9 @@ input and output are saved and loaded into ours (same parameter names) to check 
 Benchmarks: ``neural_memory`` (NeuralMemory(dim=384, chunk_size=64), input 2 x 1024 x 384, fp32 and bf16
 autocast: forward and forward + backward ms) and ``mac_train`` (MAC training tokens/s, bf16 autocast,
 batch 4 x 512, the issue's configuration); ``--full-mac`` adds the peer's train_mac.py defaults
-(attention pooling, per-parameter lr, weight residual, qkv views, spectral norm).
+(attention pooling, per-parameter lr, weight residual, qkv views, spectral norm). Ours also reports
+``neural_memory_graphed`` (through ``graphed_memory``) and ``mac_train_eager`` (the peer's eager loop;
+``mac_train`` is ours through ``TrainStep``, a CUDA graph of the whole step with fused AdamW).
 """
 
 from __future__ import annotations
@@ -50,14 +52,16 @@ def _time_ms(fn, device: str, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def bench_neural_memory(side: str, device: str, quick: bool, exchange: Path, eager: bool = False) -> dict:
+def bench_neural_memory(side: str, device: str, quick: bool, exchange: Path, graphed: bool = False) -> dict:
+    """NeuralMemory(dim 384, chunk 64) forward and forward + backward ms, fp32 and bf16 autocast. Ours with
+    ``graphed``: through :func:`titans_pytorch.graphed_memory` (CUDA graphs of forward and backward, one
+    per precision, built outside the timing)."""
     import torch
     from titans_pytorch import NeuralMemory
 
     torch.manual_seed(0)
     n = 256 if quick else 1024
-    # ours: the default (compile=None: torch.compile of the dual form on CUDA) or eager (compile=False)
-    mem = NeuralMemory(dim=384, chunk_size=64, **(dict(compile=False) if eager else {})).to(device)
+    mem = NeuralMemory(dim=384, chunk_size=64).to(device)
     x = torch.randn(2, n, 384, device=device)
     ckpt = exchange / "neural_memory.pt"
     result: dict = {}
@@ -65,19 +69,29 @@ def bench_neural_memory(side: str, device: str, quick: bool, exchange: Path, eag
         with torch.no_grad():
             out, _ = mem(x)
         torch.save({"state_dict": mem.state_dict(), "x": x.cpu(), "out": out.cpu()}, ckpt)
-    elif ckpt.exists() and not eager:
+    elif ckpt.exists():
         saved = torch.load(ckpt, map_location=device)
         missing = mem.load_state_dict(saved["state_dict"], strict=False)
-        with torch.no_grad():
-            out, _ = mem(saved["x"].to(device))
-        result["max_abs_diff_vs_peer"] = (out - saved["out"].to(device)).abs().max().item()
-        result["state_dict_mismatch"] = [*missing.missing_keys, *missing.unexpected_keys]
+        if not graphed:
+            with torch.no_grad():
+                out, _ = mem(saved["x"].to(device))
+            result["max_abs_diff_vs_peer"] = (out - saved["out"].to(device)).abs().max().item()
+            result["state_dict_mismatch"] = [*missing.missing_keys, *missing.unexpected_keys]
     warmup, iters = (1, 2) if quick else (3, 10)
     for precision in ("fp32", "bf16"):
+        bf16 = precision == "bf16"
+        # graphs need autocast without its weight-cast cache (the casts are then part of the graph)
+        autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphed)
+        read = lambda seq: mem(seq)[0]  # noqa: E731
+        if graphed:
+            from titans_pytorch import graphed_memory
 
-        def fwd(bf16: bool = precision == "bf16"):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                return mem(x)[0]
+            with torch.autocast(**autocast):
+                read = graphed_memory(mem, x)
+
+        def fwd(read=read, autocast=autocast):
+            with torch.autocast(**autocast):
+                return read(x)
 
         def fwd_bwd(fwd=fwd):
             fwd().float().square().mean().backward()
@@ -215,12 +229,13 @@ def worker(args) -> None:
     quick, accel = args.quick, args.accelerated_scan
     for name, fn in (
         ("neural_memory", lambda: bench_neural_memory(args.worker, device, quick, exchange)),
-        ("neural_memory_eager", lambda: bench_neural_memory(args.worker, device, quick, exchange, True)),
+        ("neural_memory_graphed", lambda: bench_neural_memory(args.worker, device, quick, exchange, True)),
         ("mac_train", lambda: bench_mac(args.worker, device, quick, False, accel, eager=not ours)),
         ("mac_train_eager", lambda: bench_mac(args.worker, device, quick, False, accel)),
         ("mac_train_full", lambda: bench_mac(args.worker, device, quick, True, accel, eager=not ours)),
     ):
-        if (name == "mac_train_full" and not args.full_mac) or (name.endswith("_eager") and not ours):
+        ours_only = name.endswith(("_eager", "_graphed"))
+        if (name == "mac_train_full" and not args.full_mac) or (ours_only and not ours):
             continue
         if name in args.skip:
             continue
@@ -297,7 +312,7 @@ def main() -> None:
     if args.only == "both":
         try:
             o, q = results["ours"], results["peer"]
-            for suffix in ("", "_eager"):
+            for suffix in ("", "_eager", "_graphed"):
                 mac = o.get("mac_train" + suffix, {})
                 if "tokens_per_s" in mac:
                     summary[f"mac_train{suffix}_speedup"] = (

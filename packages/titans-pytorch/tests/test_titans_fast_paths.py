@@ -1,4 +1,4 @@
-"""TrainStep (CUDA-graph training step) and the compiled dual form: CPU fallbacks and equivalence."""
+"""TrainStep and graphed_memory (CUDA graphs) and the compiled dual form: CPU fallbacks and equivalence."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from titans_pytorch import MemoryAsContextTransformer, NeuralMemory, TrainStep
+from titans_pytorch import MemoryAsContextTransformer, NeuralMemory, TrainStep, graphed_memory
 
 
 def _tiny_mac(**mem_kwargs) -> MemoryAsContextTransformer:
@@ -54,6 +54,16 @@ def test_train_step_rejects_bad_options():
         TrainStep(model, opt, warmup=0)
     with pytest.raises(ValueError, match="CUDA batches"):
         TrainStep(model, opt, cuda_graph=True)(torch.randint(0, 64, (2, 9)))
+
+
+def test_graphed_memory_on_cpu_is_the_eager_read():
+    mem = NeuralMemory(16, chunk_size=4, heads=2, dim_head=8)
+    x = torch.randn(2, 10, 16)
+    read = graphed_memory(mem, x)
+    out = read(x)
+    torch.testing.assert_close(out, mem(x)[0], rtol=0, atol=0)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in mem.memory_model_parameters)
 
 
 def test_compile_is_opt_in():

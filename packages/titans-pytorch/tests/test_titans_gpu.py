@@ -1,5 +1,6 @@
 """GPU checks (``-m gpu``): FlexAttention == explicit mask, accelerated scan == reference, dual == reference
-on CUDA, compiled dual form == eager, CUDA-graph TrainStep == eager step, and a finite bf16 MAC step."""
+on CUDA, compiled dual form == eager, CUDA-graph TrainStep and graphed_memory == eager, and a finite bf16
+MAC step."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import importlib.util
 
 import pytest
 import torch
-from titans_pytorch import MemoryAsContextTransformer, MemoryMLP, NeuralMemory, TrainStep
+from titans_pytorch import MemoryAsContextTransformer, MemoryMLP, NeuralMemory, TrainStep, graphed_memory
 from titans_pytorch.attention import SegmentedAttention, flex_attention_available
 from titans_pytorch.ops.assoc_scan import assoc_scan, assoc_scan_reference
 
@@ -139,3 +140,24 @@ def test_cuda_graph_train_step_equals_eager():
     assert step.graphed
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_graphed_memory_equals_eager(bf16):
+    torch.manual_seed(0)
+    mem = NeuralMemory(64, chunk_size=8, batch_size=32, heads=2, dim_head=32, qk_rmsnorm=True).cuda()
+    autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
+    with torch.autocast(**autocast):
+        read = graphed_memory(mem, torch.randn(2, 100, 64, device="cuda"))
+    params = [p for p in mem.parameters() if p.requires_grad]
+    for _ in range(2):  # replays see new inputs
+        x = torch.randn(2, 100, 64, device="cuda")
+        with torch.autocast(**autocast):
+            out = read(x).float()
+            ref = mem(x)[0].float()
+        grads = torch.autograd.grad(out.square().sum(), params)
+        ref_grads = torch.autograd.grad(ref.square().sum(), params)
+        tol = 2e-2 if bf16 else 1e-5
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=tol, rtol=tol)

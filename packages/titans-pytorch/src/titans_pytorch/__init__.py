@@ -1,5 +1,6 @@
 """Titans neural memory and the Memory-as-Context transformer (drop-in for titans-pytorch 0.5.x)."""
 
+from titans_pytorch.cuda_graphs import TrainStep, graphed_memory
 from titans_pytorch.mac_transformer import MemoryAsContextTransformer
 from titans_pytorch.memory_models import (
     FactorizedMemoryMLP,
@@ -9,7 +10,6 @@ from titans_pytorch.memory_models import (
     MemorySwiGluMLP,
 )
 from titans_pytorch.neural_memory import NeuralMemory, NeuralMemState, mem_state_detach
-from titans_pytorch.train_step import TrainStep
 from titans_pytorch.variants import MemoryAsGateTransformer, MemoryAsLayerTransformer, NeuralMemoryLM
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "NeuralMemory",
     "NeuralMemoryLM",
     "TrainStep",
+    "graphed_memory",
     "mem_state_detach",
 ]
