@@ -227,11 +227,12 @@ def worker(args) -> None:
         res["gpu"] = torch.cuda.get_device_name()
     ours = args.worker == "ours"
     quick, accel = args.quick, args.accelerated_scan
+    # eager benchmarks first: a failed CUDA-graph capture can leave the CUDA context unusable
     for name, fn in (
         ("neural_memory", lambda: bench_neural_memory(args.worker, device, quick, exchange)),
+        ("mac_train_eager", lambda: bench_mac(args.worker, device, quick, False, accel)),
         ("neural_memory_graphed", lambda: bench_neural_memory(args.worker, device, quick, exchange, True)),
         ("mac_train", lambda: bench_mac(args.worker, device, quick, False, accel, eager=not ours)),
-        ("mac_train_eager", lambda: bench_mac(args.worker, device, quick, False, accel)),
         ("mac_train_full", lambda: bench_mac(args.worker, device, quick, True, accel, eager=not ours)),
     ):
         ours_only = name.endswith(("_eager", "_graphed"))
