@@ -1,8 +1,14 @@
 """Quadratic attention: the O(N^2) masked form vs the linear (state) form, torch and Triton.
 
-Prints one JSON object per (form, n_ctx) with forward time (ms), forward+backward time (ms) and peak
-memory (MiB), then a summary with the measured crossover (the shortest context from which the Triton
-linear form's forward beats the masked form); put it in ModelConfig.linear_crossover / docs.
+Prints one JSON object per (form, n_ctx) with forward time (ms) and peak memory (MiB), forward+backward
+time and peak memory, then a summary with the measured crossovers (the shortest context from which each
+linear form beats the masked form, forward only and forward+backward); the chunkwise forward+backward one
+goes into ModelConfig.linear_crossover / docs (the chunkwise form is what "auto" runs; training is what
+the model's dispatch serves).
+
+Forms: ``quadratic`` (masked O(N^2)), ``linear_torch`` (chunk loop), ``linear_chunkwise`` (all chunks as
+batched matmuls, autograd through it), ``linear_triton`` (Triton forward, backward recomputing through the
+chunkwise form in fp32).
 
     python packages/bilinear-toys/bench/bench_quadratic_attention.py               # GPU, 512..16384
     python packages/bilinear-toys/bench/bench_quadratic_attention.py --smoke       # CPU, tiny
@@ -17,6 +23,7 @@ import time
 import torch
 from bilinear_toys.ops.quadratic_attention import (
     quadratic_attention_chunked,
+    quadratic_attention_chunkwise,
     quadratic_attention_reference,
 )
 
@@ -25,6 +32,7 @@ def _forms(smoke: bool):
     forms = {
         "quadratic": quadratic_attention_reference,
         "linear_torch": lambda q, k, v: quadratic_attention_chunked(q, k, v, chunk_size=64),
+        "linear_chunkwise": lambda q, k, v: quadratic_attention_chunkwise(q, k, v, chunk_size=64),
     }
     if torch.cuda.is_available() or smoke:
         from bilinear_toys.ops.quadratic_attention.triton import quadratic_attention_triton
@@ -59,6 +67,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no_backward", action="store_true")
+    p.add_argument("--forms", nargs="*", default=None, help="subset of the forms (default: all)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (Triton in the interpreter)")
     args = p.parse_args()
     if args.smoke:
@@ -69,8 +78,14 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = getattr(torch, args.dtype)
     results = []
+    for fn in _forms(args.smoke).values():  # one-time costs (kernel compilation, cuBLAS/autograd setup)
+        x = [torch.randn(1, 64, 1, args.d_head, device=device, dtype=dtype, requires_grad=True)
+             for _ in range(3)]
+        fn(*x).float().sum().backward()
     for n in args.n_ctx:
         for name, fn in _forms(args.smoke).items():
+            if args.forms and name not in args.forms:
+                continue
             row = {
                 "form": name,
                 "n_ctx": n,
@@ -97,37 +112,35 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                 with torch.no_grad():
                     row["fwd_ms"] = _time(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), device, args.reps)
+                if device.type == "cuda":
+                    row["fwd_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                    torch.cuda.reset_peak_memory_stats()
                 if not args.no_backward:
                     row["fwd_bwd_ms"] = _time(
                         lambda fn=fn, q=q, k=k, v=v: fn(q, k, v).float().sum().backward(), device, args.reps
                     )
-                if device.type == "cuda":
-                    row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                    if device.type == "cuda":
+                        row["fwd_bwd_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(json.dumps(row), flush=True)
             results.append(row)
-    by = {(r["form"], r["n_ctx"]): r.get("fwd_ms") for r in results}
-    crossover = next(
-        (
-            n
-            for n in args.n_ctx
-            if by.get(("linear_triton", n)) is not None
-            and (by.get(("quadratic", n)) is None or by[("linear_triton", n)] < by[("quadratic", n)])
-        ),
-        None,
-    )
-    print(
-        json.dumps(
-            {
-                "summary": "crossover_n_ctx (linear_triton fwd faster than quadratic)",
-                "crossover_n_ctx": crossover,
-            }
-        )
-    )
-
+    summary = {"summary": "crossover_n_ctx: shortest n_ctx from which a linear form beats quadratic"}
+    for form in ("linear_triton", "linear_chunkwise"):
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            by = {(r["form"], r["n_ctx"]): r.get(key) for r in results}
+            summary[f"crossover_n_ctx_{form}_{key[:-3]}"] = next(
+                (
+                    n
+                    for n in args.n_ctx
+                    if by.get((form, n)) is not None
+                    and (by.get(("quadratic", n)) is None or by[(form, n)] < by[("quadratic", n)])
+                ),
+                None,
+            )
+    print(json.dumps(summary))
 
 if __name__ == "__main__":
     main()

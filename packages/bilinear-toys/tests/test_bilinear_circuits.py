@@ -76,6 +76,18 @@ def test_full_circuit_slices_explain_a_two_token_context():
     assert abs(flat[a, b, c].item() - s) < 1e-5
 
 
+def test_full_circuit_with_mlp_explains_a_two_token_context():
+    """transformer_1L: attention + bilinear MLP paths give the exact logit change from one context token."""
+    m = tiny("transformer_1L", std=0.2)
+    full = torch.cat([t for _, t in C.full_circuit_slices(m, offsets=1, dst_chunk=7, include_mlp=True)])
+    attn_only = torch.cat([t for _, t in C.full_circuit_slices(m, offsets=1, dst_chunk=7)])
+    assert (full - attn_only).abs().max() > 0.1 * attn_only.abs().max()  # the MLP path matters here
+    for src, dst in [(3, 7), (11, 11), (0, 22)]:
+        with torch.no_grad():
+            change = m(torch.tensor([[src, dst]]))[0, 1] - m(torch.tensor([[dst]]))[0, 0]
+        torch.testing.assert_close(change, full[dst, src], rtol=1e-9, atol=1e-9)
+
+
 def test_copying_scores_of_constructed_heads():
     m = tiny("attention_only_1L")
     attn = m.blocks[0].attn

@@ -5,6 +5,7 @@ import torch
 from bilinear_toys.ops.quadratic_attention import (
     quadratic_attention,
     quadratic_attention_chunked,
+    quadratic_attention_chunkwise,
     quadratic_attention_reference,
     quadratic_attention_step,
 )
@@ -76,14 +77,23 @@ def test_triton_kernel_matches_reference(t, d, dv, chunk):
     torch.testing.assert_close(z.double(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_triton_backward_recomputes():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_matches_reference(dtype):
     pytest.importorskip("triton")
-    q, k, v = (x.requires_grad_(True) for x in qkv(b=1, t=18, h=1, d=4, dv=4, dtype=torch.float32))
+    q, k, v = qkv(b=1, t=37, h=2, d=8, dv=8, dtype=torch.float64)
+    w = torch.randn(1, 37, 2, 8, dtype=torch.float64)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ql, kl, vl = (x.detach().to(device).requires_grad_(True) for x in (q, k, v))
-    quadratic_attention(ql, kl, vl, impl="linear", backend="triton", chunk_size=16).sum().backward()
-    quadratic_attention_reference(q, k, v).sum().backward()
-    torch.testing.assert_close(ql.grad.cpu(), q.grad, rtol=1e-4, atol=1e-4)
+    xs = [x.to(device, dtype).requires_grad_(True) for x in (q, k, v)]
+    ref_in = [x.detach().double().cpu().requires_grad_(True) for x in xs]
+    z = quadratic_attention(*xs, impl="linear", backend="triton", chunk_size=16)
+    assert z.dtype == dtype
+    (z.double().cpu() * w).sum().backward()
+    (quadratic_attention_reference(*ref_in) * w).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for x, r in zip(xs, ref_in):
+        assert x.grad.dtype == dtype
+        scale = r.grad.abs().max().item()
+        torch.testing.assert_close(x.grad.double().cpu(), r.grad, rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.gpu
@@ -92,3 +102,37 @@ def test_triton_kernel_long_context_gpu():
     z = quadratic_attention(q, k, v, impl="linear", backend="triton")
     ref = quadratic_attention_reference(q.double(), k.double(), v.double())
     torch.testing.assert_close(z.double(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 29, 64])
+def test_chunkwise_form_equals_masked_form_and_continues_segments(chunk_size):
+    q, k, v = qkv()
+    ref = quadratic_attention_reference(q, k, v)
+    torch.testing.assert_close(quadratic_attention_chunkwise(q, k, v, chunk_size=chunk_size), ref,
+                               rtol=1e-12, atol=1e-12)
+    z1, s = quadratic_attention_chunkwise(q[:, :12], k[:, :12], v[:, :12], chunk_size=chunk_size,
+                                          output_final_state=True)
+    z2 = quadratic_attention_chunkwise(q[:, 12:], k[:, 12:], v[:, 12:], chunk_size=chunk_size,
+                                       initial_state=s)
+    torch.testing.assert_close(torch.cat([z1, z2], 1), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_chunkwise_gradients_agree():
+    q, k, v = (x.requires_grad_(True) for x in qkv(t=13))
+    w = torch.randn(2, 13, 3, 5, dtype=torch.float64)
+    g_ref = torch.autograd.grad((quadratic_attention_reference(q, k, v) * w).sum(), (q, k, v))
+    g_lin = torch.autograd.grad((quadratic_attention_chunkwise(q, k, v, chunk_size=4) * w).sum(), (q, k, v))
+    for a, b in zip(g_ref, g_lin):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [512, 4096])
+def test_triton_backward_long_context_gpu(t):
+    q, k, v = (x.cuda().requires_grad_(True) for x in qkv(b=1, t=t, h=4, d=32, dv=32, dtype=torch.float32))
+    w = torch.randn_like(v)
+    ref_in = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    (quadratic_attention(q, k, v, impl="linear", backend="triton") * w).sum().backward()
+    (quadratic_attention_reference(*ref_in) * w.double()).sum().backward()
+    for x, r in zip((q, k, v), ref_in):
+        torch.testing.assert_close(x.grad.double(), r.grad, rtol=1e-3, atol=1e-3 * r.grad.abs().max().item())

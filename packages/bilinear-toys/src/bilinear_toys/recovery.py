@@ -1,11 +1,19 @@
 """Scoring weight-based circuit detections against a synthetic language's planted rules.
 
 Detections use only the weights (no forward pass on data): bigrams from the next-token logits of a
-one-token context, skip-trigrams from the full 1-layer circuit averaged over key offsets, previous-token
-and induction heads from :mod:`bilinear_toys.circuits`. For each current token the strongest candidate
-is *detected* when its score is a robust outlier (``z`` MADs above the median) among the current tokens'
-strongest scores (precision and recall are then independent); ``recall_at_k`` is the share of planted
-rules among the top ``k = #planted`` candidates overall.
+one-token context, skip-trigrams from the full 1-layer circuit (attention and, with ``include_mlp``, the
+bilinear MLP reading the attention output) averaged over key offsets, previous-token and induction heads
+from :mod:`bilinear_toys.circuits`.
+
+**Criterion.** Per current token the detector keeps its strongest candidate (the next token for bigrams,
+the (A, C) pair for skip-trigrams) and gives it a robust z-score against the strongest candidates of all
+current tokens: ``z = (score - median) / (1.4826 MAD)``. Most current tokens carry no rule, so they form
+the null distribution; a candidate is *detected* when ``z > threshold``. Heads are detected when their
+weight score exceeds a threshold. Thresholds are *calibrated* on a model trained on a different language
+(another seed: other rule tokens) by :func:`calibrate_thresholds` (the midpoint between the weakest
+planted and the strongest unplanted candidate, or the F1-best cut if they overlap) and then applied
+unchanged to the evaluated model; without calibration the defaults of :data:`DEFAULT_THRESHOLDS` hold.
+``recall_at_k`` ranks every candidate and takes the top ``k = #planted`` (threshold-free).
 """
 
 from __future__ import annotations
@@ -17,90 +25,170 @@ import torch
 from bilinear_toys import circuits as C
 from bilinear_toys.models import ToyTransformer
 
+DEFAULT_THRESHOLDS = {"bigrams": 6.0, "skip_trigrams": 6.0, "previous_token": 0.5, "induction": 0.2}
 
-def extended_direct_path(model: ToyTransformer) -> torch.Tensor:
-    """[V, V]: next-token logits given only the current token (a one-token context), a function of the
-    weights alone. Besides ``W_E W_U`` (symmetric when tied, so it cannot hold an asymmetric bigram) it
-    includes each head attending to the current token itself with weight ``s(x, x)^2`` at offset 0 and
-    the MLPs: in a polynomial transformer this self-attention path is where bigrams live."""
+
+def extended_direct_path(model: ToyTransformer, prefix: tuple[int, ...] = ()) -> torch.Tensor:
+    """[V, V]: next-token logits given only the current token (after the fixed ``prefix``, e.g. the BOS
+    that starts every synthetic sequence), i.e. the model's polynomial evaluated on one-hot inputs, no
+    data. Besides ``W_E W_U`` (symmetric when tied, so it cannot hold an asymmetric bigram) it includes
+    each head attending to the current token itself with weight ``s(x, x)^2`` at offset 0 and the MLPs:
+    in a polynomial transformer this self-attention path is where bigrams live."""
     with torch.no_grad():
         ids = torch.arange(model.config.vocab_size, device=model.W_E.device)
-        return torch.cat([model(chunk[:, None])[:, 0] for chunk in ids.split(1024)])
+        pre = torch.tensor(prefix, dtype=torch.long, device=ids.device)
+        return torch.cat([model(torch.cat([pre.expand(len(c), -1), c[:, None]], 1))[:, -1]
+                          for c in ids.split(1024)])
 
 
-def _pr(detected: set, planted: set) -> dict[str, float]:
+def robust_z(scores: torch.Tensor) -> torch.Tensor:
+    """``(scores - median) / (1.4826 MAD)``: z-scores that the outliers being sought do not inflate."""
+    med = scores.median()
+    floor = 1e-6 * float(scores[scores.isfinite()].abs().max().clamp_min(1e-12))  # all-equal rows: no blow-up
+    mad = (scores - med).abs().median().clamp_min(floor) * 1.4826
+    return (scores - med) / mad
+
+
+def _score(candidates: list[tuple], z: torch.Tensor, planted: set, threshold: float,
+           top: set) -> dict[str, Any]:
+    """Precision/recall of the candidates with ``z > threshold``, plus the z-scores calibration needs."""
+    detected = {c for c, zi in zip(candidates, z.tolist()) if zi > threshold}
     tp = len(detected & planted)
+    hit = [c in planted for c in candidates]
+    other = [float(zi) for zi, h in zip(z, hit) if not h]
     return {"precision": tp / len(detected) if detected else 0.0,
             "recall": tp / len(planted) if planted else 0.0, "n_detected": len(detected),
-            "n_planted": len(planted)}
+            "n_planted": len(planted), "threshold": threshold,
+            "recall_at_k": len(top & planted) / max(len(planted), 1),
+            "missed": sorted(planted - detected),
+            "z_planted": sorted(round(float(zi), 3) for zi, h in zip(z, hit) if h),
+            "z_max_other": round(max(other, default=float("-inf")), 3)}
 
 
-def bigram_recovery(model: ToyTransformer, bigrams: list, z: float = 6.0) -> dict[str, Any]:
-    d = extended_direct_path(model).float()
+def bigram_recovery(model: ToyTransformer, bigrams: list, threshold: float | None = None,
+                    prefix: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """Planted ``(a, b)`` vs the strongest next token of each current token in the row-centered
+    :func:`extended_direct_path` after ``prefix`` (the synthetic language's BOS)."""
+    d = extended_direct_path(model, prefix).float().cpu()
     s = d - d.mean(dim=1, keepdim=True)
-    best, nxt = s.max(dim=1)  # the strongest next token for each current token
-    detected = {(int(a), int(nxt[a])) for a in _robust_outliers(best, z).nonzero().flatten().tolist()}
+    best, nxt = s.max(dim=1)
+    candidates = [(a, int(nxt[a])) for a in range(len(best))]
     planted = {tuple(map(int, x)) for x in bigrams}
-    k = len(planted)
-    top = {divmod(int(i), s.shape[1]) for i in s.flatten().topk(k).indices} if k else set()
-    return {**_pr(detected, planted), "recall_at_k": len(top & planted) / max(k, 1)}
+    top = {divmod(int(i), s.shape[1]) for i in s.flatten().topk(len(planted)).indices} if planted else set()
+    thr = DEFAULT_THRESHOLDS["bigrams"] if threshold is None else threshold
+    return _score(candidates, robust_z(best), planted, thr, top)
 
 
-def _robust_outliers(scores: torch.Tensor, z: float) -> torch.Tensor:
-    """Bool mask of ``scores`` above ``median + z * 1.4826 * MAD`` (robust to the outliers sought)."""
-    med = scores.median()
-    mad = (scores - med).abs().median().clamp_min(1e-12) * 1.4826
-    return scores > med + z * mad
-
-
-def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset: int = 16, z: float = 6.0,
-                          layer: int = 0, dst_chunk: int = 32, exclude_src: tuple[int, ...] = (0,)
-                          ) -> dict[str, Any]:
+def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset: int = 16,
+                          threshold: float | None = None, dst_chunk: int = 32,
+                          exclude_src: tuple[int, ...] = (0,), include_mlp: bool = True) -> dict[str, Any]:
     """Planted ``(A, B, C)`` vs entries ``T[dst=B, src=A, out=C]`` of the offset-averaged full circuit,
-    centered over ``src``. Excluded as not skip-trigrams: ``C == A`` (copying), ``A == B`` (attending to
-    earlier copies of the current token: a bigram path) and ``exclude_src`` (the synthetic language's BOS,
-    in every context: a constant). For each current token B its strongest (A, C) is detected when that
-    score is a robust outlier (``z`` MADs above the median) among all current tokens' strongest scores."""
+    summed over layers (each layer's heads read the token embeddings: the direct paths, no composition),
+    with each block's MLP path when it has one (``include_mlp``), centered over ``src``. Excluded as not
+    skip-trigrams: ``C == A`` (copying), ``A == B`` (attending to earlier copies of the current token: a
+    bigram path) and ``exclude_src`` (the synthetic language's BOS, in every context: a constant, which
+    the MLP path takes as part of every context)."""
     offsets = range(1, max_offset + 1)
     v = model.config.vocab_size
-    excl = {"exclude_copying": True, "exclude_same_token": True, "exclude_src": exclude_src}
-    bests, triples = [], []
-    for ids, t in C.full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer):
-        t = (t - t.mean(dim=1, keepdim=True)).masked_fill(~C.skip_trigram_mask(ids, v, **excl), float("-inf"))
-        best, flat = t.flatten(1).max(dim=1)
-        bests.append(best.float().cpu())
-        triples += [(int(f) // v, int(b), int(f) % v) for b, f in zip(ids.tolist(), flat.tolist())]
-    keep = _robust_outliers(torch.cat(bests), z)
-    detected = {tr for tr, k in zip(triples, keep.tolist()) if k}
     planted = {tuple(map(int, x)) for x in skip_trigrams}
-    top = {(a, b, c) for a, b, c, _ in C.top_skip_trigrams(model, k=len(planted), offsets=offsets,
-                                                           dst_chunk=dst_chunk, layer=layer, **excl)}
-    return {**_pr(detected, planted), "recall_at_k": len(top & planted) / max(len(planted), 1)}
+    k = max(len(planted), 1)
+    layers = [C.full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer,
+                                    include_mlp=include_mlp, context=exclude_src)
+              for layer in range(model.config.n_layers)]
+    bests, candidates, top_vals, top_keys = [], [], torch.empty(0), []
+    for slices in zip(*layers):
+        ids = slices[0][0]
+        t = sum(t for _, t in slices)
+        t = (t - t.mean(dim=1, keepdim=True)).masked_fill(
+            ~C.skip_trigram_mask(ids, v, exclude_copying=True, exclude_same_token=True,
+                                 exclude_src=exclude_src), float("-inf")).float().cpu()
+        best, flat = t.flatten(1).max(dim=1)
+        bests.append(best)
+        candidates += [(int(f) // v, int(b), int(f) % v) for b, f in zip(ids.tolist(), flat.tolist())]
+        vals, idx = t.flatten().topk(min(k, t.numel()))
+        top_vals = torch.cat([top_vals, vals])
+        top_keys += [(int(i) % (v * v) // v, int(ids[int(i) // (v * v)]), int(i) % v) for i in idx]
+    top = {top_keys[i] for i in top_vals.topk(min(k, len(top_keys))).indices.tolist()}
+    thr = DEFAULT_THRESHOLDS["skip_trigrams"] if threshold is None else threshold
+    return _score(candidates, robust_z(torch.cat(bests)), planted, thr, top if planted else set())
 
 
-def head_recovery(model: ToyTransformer, prev_threshold: float = 0.5, induction_threshold: float = 0.2,
-                  behaviour_threshold: float = 0.3, max_offset: int = 16) -> dict[str, Any]:
-    """Previous-token and induction heads found from the weights vs found from behaviour (row-normalized
-    patterns on repeated random tokens)."""
+def head_recovery(model: ToyTransformer, thresholds: dict[str, float] | None = None,
+                  behaviour_threshold: float = 3.0, max_offset: int = 16) -> dict[str, Any]:
+    """Previous-token and induction heads found from the weights vs found from behaviour, the reference
+    (the generator plants the need for induction, not which head does it): on repeated random tokens,
+    the attention to the previous token / to the token after the earlier occurrence relative to uniform
+    attention over the row (:func:`~bilinear_toys.circuits.head_scores_behaviour` with ``relative``); a
+    head is a reference head when that lift exceeds ``behaviour_threshold`` (3x uniform, fixed a priori)."""
+    thr = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     n_l, n_h = model.config.n_layers, model.config.n_head
     prev_w = torch.tensor([[C.previous_token_score_weights(model, l, h, max_offset) for h in range(n_h)]
                            for l in range(n_l)])
     ind_w = C.induction_scores_weights(model, max_offset) if n_l > 1 else torch.zeros(n_l, n_h)
-    beh = C.head_scores_behaviour(model, half=min(32, (model.config.n_ctx - 1) // 2))
+    beh = C.head_scores_behaviour(model, half=min(32, (model.config.n_ctx - 1) // 2), relative=True)
     out: dict[str, Any] = {"weights": {"previous_token": prev_w.tolist(), "induction": ind_w.tolist()},
                            "behaviour": {k: v.tolist() for k, v in beh.items()}}
-    for kind, w, thr in (("previous_token", prev_w, prev_threshold),
-                         ("induction", ind_w, induction_threshold)):
-        det = {tuple(x) for x in (w > thr).nonzero().tolist()}
+    for kind, w in (("previous_token", prev_w), ("induction", ind_w)):
+        det = {tuple(x) for x in (w > thr[kind]).nonzero().tolist()}
         ref = {tuple(x) for x in (beh[kind] > behaviour_threshold).nonzero().tolist()}
-        out[kind] = _pr(det, ref)
+        tp = len(det & ref)
+        out[kind] = {"precision": tp / len(det) if det else 0.0, "recall": tp / len(ref) if ref else 0.0,
+                     "n_detected": len(det), "n_reference": len(ref), "threshold": thr[kind],
+                     "z_planted": sorted(float(w[x]) for x in ref),
+                     "z_max_other": max((float(w[l, h]) for l in range(n_l) for h in range(n_h)
+                                         if (l, h) not in ref), default=float("-inf"))}
     return out
 
 
-def rule_recovery(model: ToyTransformer, rules: dict[str, Any], max_offset: int = 16) -> dict[str, Any]:
-    """All of the above for a ``SyntheticRules.to_dict()`` (bigrams, skip_trigrams)."""
-    out: dict[str, Any] = {"bigrams": bigram_recovery(model, rules.get("bigrams", []))}
+def rule_recovery(model: ToyTransformer, rules: dict[str, Any], max_offset: int = 16,
+                  thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """All of the above for a ``SyntheticRules.to_dict()`` (bigrams, skip_trigrams), with ``thresholds``
+    (keys of :data:`DEFAULT_THRESHOLDS`, e.g. from :func:`calibrate_thresholds`)."""
+    thr = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    out: dict[str, Any] = {"bigrams": bigram_recovery(model, rules.get("bigrams", []), thr["bigrams"])}
     if rules.get("skip_trigrams"):
-        out["skip_trigrams"] = skip_trigram_recovery(model, rules["skip_trigrams"], max_offset)
-    out["heads"] = head_recovery(model, max_offset=max_offset)
+        out["skip_trigrams"] = skip_trigram_recovery(model, rules["skip_trigrams"], max_offset,
+                                                     thr["skip_trigrams"])
+    out["heads"] = head_recovery(model, thr, max_offset=max_offset)
+    return out
+
+
+def calibrate_thresholds(recovery: dict[str, Any]) -> dict[str, float]:
+    """Thresholds from a :func:`rule_recovery` of a *calibration* model (another language seed): per
+    detector, the midpoint between the weakest planted candidate (``z_planted``) and the strongest other
+    one (``z_max_other``) when they separate; otherwise the default. Apply them to a different model."""
+    out = dict(DEFAULT_THRESHOLDS)
+    entries = {"bigrams": recovery.get("bigrams"), "skip_trigrams": recovery.get("skip_trigrams"),
+               "previous_token": recovery.get("heads", {}).get("previous_token"),
+               "induction": recovery.get("heads", {}).get("induction")}
+    for name, e in entries.items():
+        if e and e["z_planted"] and min(e["z_planted"]) > e["z_max_other"] > float("-inf"):
+            out[name] = (min(e["z_planted"]) + e["z_max_other"]) / 2
+    return out
+
+
+@torch.no_grad()
+def rule_losses(model: ToyTransformer, tokens: torch.Tensor, rule: torch.Tensor, nll: torch.Tensor,
+                batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Model loss vs the generator's loss floor, per mechanism (``RULE_NAMES``) and in total.
+
+    tokens, rule, nll [N, T] from ``SyntheticLanguage.generate(n, return_nll=True)``; position ``t``
+    (``t >= 1``) is predicted from ``tokens[:, :t]``. Returns ``{name: {"loss", "floor", "count"}}`` with
+    ``"all"`` for every position: rule positions have floor 0, so their loss says whether the rule is learnt.
+    """
+    from bilinear_toys.data.synthetic import RULE_NAMES
+
+    device = model.W_E.device
+    losses = []
+    for chunk in tokens.split(batch_size):
+        logits = model(chunk[:, :-1].to(device)).float()
+        losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:].to(device),
+                                                        reduction="none").double().cpu())
+    loss, lab, floor = torch.cat(losses), rule[:, 1:], nll[:, 1:]
+    out = {}
+    for i, name in [(None, "all"), *enumerate(RULE_NAMES)]:
+        m = torch.ones_like(lab, dtype=torch.bool) if i is None else lab == i
+        if m.any():
+            out[name] = {"loss": float(loss[m].mean()), "floor": float(floor[m].mean()),
+                         "count": int(m.sum())}
     return out

@@ -52,13 +52,17 @@ class DataSpec:
 
 
 def build_data(dataset: str, n_ctx: int, batch_size: int, *, vocab_size: int = 128, seed: int = 0,
-               tokenizer: str | None = None, val_batches: int = 4) -> DataSpec:
-    """Resolve ``dataset`` (see the module docstring) into train/val data of blocks of ``n_ctx + 1``."""
+               tokenizer: str | None = None, val_batches: int = 4, synthetic_pool: int | None = None,
+               workers: int = 0) -> DataSpec:
+    """Resolve ``dataset`` (see the module docstring) into train/val data of blocks of ``n_ctx + 1``.
+    ``synthetic_pool``/``workers``: pre-generate that many synthetic sequences in ``workers`` processes
+    (see :meth:`SyntheticLanguage.batches`) instead of generating each batch on the fly."""
     if dataset == "synthetic":
         lang = SyntheticLanguage(vocab_size=vocab_size, seq_len=n_ctx + 1, seed=seed)
         val_tokens, _ = lang.generate(val_batches * batch_size, seed=seed + 10_000)
         val = [{"input_ids": t, "attention_mask": torch.ones_like(t)} for t in val_tokens.split(batch_size)]
-        return DataSpec("synthetic", lang.batches(batch_size, seed=seed), val, vocab_size, language=lang)
+        train = lang.batches(batch_size, seed=seed, pool_size=synthetic_pool, workers=workers)
+        return DataSpec("synthetic", train, val, vocab_size, language=lang)
     from seqmem_shared.data.text import StreamingTextDataset
     from seqmem_shared.tokenization import get_tokenizer
 

@@ -97,44 +97,66 @@ def previous_token_score_weights(model: ToyTransformer, layer: int, head: int, m
 
 
 def full_circuit_slices(model: ToyTransformer, heads: Iterable[int] | None = None, offsets: Offsets = None,
-                        dst_chunk: int = 64, layer: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                        dst_chunk: int = 64, layer: int = 0, include_mlp: bool = False,
+                        context: Iterable[int] = ()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(dst_ids [n], T[n, V, V])``: slices of the full circuit ``T[dst, src, out]``.
 
     ``T[dst, src, out] = sum_h P_h[dst, src] * OV_h[src, out]``: the logit change of ``out`` when the
     current token is ``dst`` and ``src`` is in the context, with ``P_h = qk_pattern(..., offsets)``. The
     V^3 tensor is contracted one ``dst`` slice at a time as the quimb network
     ``P[h, dst, src] E[src, a] W_V[h, a, e] W_O[h, e, d] W_U[d, out]``.
+
+    ``include_mlp`` adds the block's bilinear MLP (if any), which reads the attention output: with
+    ``a[dst, src] = sum_h P_h[dst, src] E[src] OV_h`` (what attending to ``src`` writes) and
+    ``r[dst] = E[dst] + sum_h s_h(dst, dst)^2 E[dst] OV_h`` (the current token and its self-attention at
+    offset 0), the MLP's logit change is ``(MLP(r + a) - MLP(r)) W_U``: the cross term
+    ``2 r^T B_out a`` (how ``dst`` and ``src`` combine) plus ``a^T B_out a``. Exact for one context
+    token besides ``dst``; interactions between several context tokens are left out, except with the
+    tokens in ``context`` (always present, e.g. BOS), whose attention output (pattern ``P``) joins ``r``.
     """
     require_polynomial(model, "full_circuit_slices")
     check_layer(model, layer)
     qtn = quimb_tensor()
     heads = list(range(model.config.n_head)) if heads is None else list(heads)
+    mlp = model.blocks[layer].mlp if include_mlp else None
     with torch.no_grad():
         patterns = torch.stack([qk_pattern(model, layer, h, offsets) for h in heads])  # [H, V, V]
         w_v, w_o = model.W_V[layer, heads], model.W_O[layer, heads]
         fixed = [qtn.Tensor(model.W_E, inds=("src", "a")), qtn.Tensor(w_v, inds=("h", "a", "e")),
                  qtn.Tensor(w_o, inds=("h", "e", "d")), qtn.Tensor(model.W_U, inds=("d", "out"))]
+        if mlp is not None:
+            e_ov = torch.einsum("va,hae,hed->hvd", model.W_E, w_v, w_o)  # [H, V, d]
+            self_p = torch.stack([qk_circuit(model, layer, h, 0).diagonal().square() for h in heads])
+            resid = model.W_E + torch.einsum("hv,hvd->vd", self_p, e_ov)  # [V, d]
+            for c in context:
+                resid = resid + torch.einsum("hv,hd->vd", patterns[:, :, c], e_ov[:, c])
         v = model.config.vocab_size
         for start in range(0, v, dst_chunk):
             ids = torch.arange(start, min(start + dst_chunk, v), device=patterns.device)
             tn = qtn.TensorNetwork([qtn.Tensor(patterns[:, ids], inds=("h", "dst", "src")), *fixed])
-            out = tn.contract(output_inds=("dst", "src", "out"), optimize="greedy")
-            yield ids, out.data
+            out = tn.contract(output_inds=("dst", "src", "out"), optimize="greedy").data
+            if mlp is not None:
+                a = torch.einsum("hns,hsd->nsd", patterns[:, ids], e_ov)  # [n, V(src), d]
+                r = resid[ids][:, None]
+                out = out + (mlp(r + a) - mlp(r)) @ model.W_U
+            yield ids, out
 
 
 def top_skip_trigrams(model: ToyTransformer, k: int = 100, offsets: Offsets = None, center: bool = True,
                       dst_chunk: int = 64, layer: int = 0, exclude_copying: bool = False,
-                      exclude_same_token: bool = False, exclude_src: Iterable[int] = ()
-                      ) -> list[tuple[int, int, int, float]]:
+                      exclude_same_token: bool = False, exclude_src: Iterable[int] = (),
+                      include_mlp: bool = False) -> list[tuple[int, int, int, float]]:
     """The ``k`` largest entries of the full circuit as skip-trigrams ``(src A, dst B, out C, score)``:
     "A earlier in the context, B now -> C next". ``center`` subtracts, per (dst, out), the mean over
     ``src`` (effects that do not depend on which token is attended). Optional exclusions (see
     :func:`skip_trigram_mask`): ``C == A`` (copying), ``A == B`` (a token attending to earlier copies of
-    itself: a bigram path), and given source tokens (e.g. a BOS that every context holds)."""
+    itself: a bigram path), and given source tokens (e.g. a BOS that every context holds). ``include_mlp``:
+    see :func:`full_circuit_slices`."""
     best_vals = torch.empty(0)
     best_idx = torch.empty(0, 3, dtype=torch.long)
     v = model.config.vocab_size
-    for ids, t in full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer):
+    for ids, t in full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer,
+                                      include_mlp=include_mlp):
         t = t - t.mean(dim=1, keepdim=True) if center else t
         t = t.masked_fill(~skip_trigram_mask(ids, v, exclude_copying, exclude_same_token, exclude_src),
                           float("-inf"))
@@ -216,10 +238,12 @@ def _repeated_tokens(vocab: int, half: int, batch: int, seed: int, device: torch
 
 @torch.no_grad()
 def head_scores_behaviour(model: ToyTransformer, half: int = 16, batch: int = 32, seed: int = 0,
-                          tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                          tokens: torch.Tensor | None = None, relative: bool = False
+                          ) -> dict[str, torch.Tensor]:
     """``{"previous_token": [L, H], "induction": [L, H]}`` from row-normalized patterns on repeated
     random tokens ``[r_1..r_n, r_1..r_n]``: mean attention to position ``i - 1`` and, in the second half,
-    to ``i - n + 1`` (the token after the earlier occurrence of the current token)."""
+    to ``i - n + 1`` (the token after the earlier occurrence of the current token). ``relative``: each
+    row's value times its number of keys ``i + 1`` (the lift over uniform attention: 1 = uniform)."""
     device = model.W_E.device
     if tokens is None:
         tokens = _repeated_tokens(model.config.vocab_size, half, batch, seed, device)
@@ -230,6 +254,8 @@ def head_scores_behaviour(model: ToyTransformer, half: int = 16, batch: int = 32
     for layer in range(model.config.n_layers):
         p = cache[f"blocks.{layer}.attn.hook_pattern"].float()
         p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+        if relative:
+            p = p * torch.arange(1, t + 1, device=device, dtype=p.dtype)[:, None]
         i = torch.arange(1, t, device=device)
         prev.append(p[:, :, i, i - 1].mean(dim=(0, 2)))
         i2 = torch.arange(half, t, device=device)

@@ -54,11 +54,11 @@ class SyntheticLanguage:
     n_skip_trigrams: int = 8
     n_brackets: int = 2
     span_len: tuple[int, int] = (4, 8)
-    p_copy: float = 0.08
+    p_copy: float = 0.2
     p_bracket: float = 0.08
     p_skip_a: float = 0.1
     p_skip_b: float = 0.15
-    p_bigram: float = 0.15
+    p_bigram: float = 0.1
     seed: int = 0
     rules: SyntheticRules = field(init=False)
 
@@ -87,7 +87,37 @@ class SyntheticLanguage:
                                     skip_trigrams=list(zip(a_tok, b_tok, c_tok)),
                                     brackets=brackets, fillers=fillers)
 
-    def _sequence(self, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    def _random_event_probs(self, seq: list[int], stack: list[int]) -> np.ndarray:
+        """[V]: the distribution of the next token when no rule applies (step 4 of the module docstring),
+        given the generator's state (the sequence so far and the open-bracket stack)."""
+        r = self.rules
+        p = np.zeros(self.vocab_size)
+        lo, hi = self.span_len
+        fill = 1.0 - (self.p_copy + self.p_bracket + self.p_skip_a + self.p_skip_b + self.p_bigram)
+        if len(seq) >= 2 * hi:  # a copy starts at a uniform position; its first token is that position's
+            for n in range(lo, hi + 1):
+                np.add.at(p, seq[1:len(seq) - n + 1], self.p_copy / ((hi - lo + 1) * (len(seq) - n)))
+        else:
+            fill += self.p_copy
+        if r.brackets:  # open a uniform bracket or, with one open, close the innermost: half and half
+            share = self.p_bracket / 2 if stack else self.p_bracket
+            np.add.at(p, [o for o, _ in r.brackets], share / len(r.brackets))
+            if stack:
+                p[dict(r.brackets)[stack[-1]]] += self.p_bracket / 2
+        else:
+            fill += self.p_bracket
+        groups = ([a for a, _, _ in r.skip_trigrams], [b for _, b, _ in r.skip_trigrams],
+                  [a for a, _ in r.bigrams])
+        for mass, toks in zip((self.p_skip_a, self.p_skip_b, self.p_bigram), groups):
+            if toks:
+                np.add.at(p, toks, mass / len(toks))
+            else:
+                fill += mass
+        np.add.at(p, r.fillers, fill / len(r.fillers))
+        return p
+
+    def _sequence(self, rng: np.random.Generator, with_nll: bool = False
+                  ) -> tuple[list[int], list[int], list[float]]:
         r = self.rules
         bigram = dict(r.bigrams)
         trig = {b: (a, c) for a, b, c in r.skip_trigrams}
@@ -95,14 +125,14 @@ class SyntheticLanguage:
         b_toks = [b for _, b, _ in r.skip_trigrams]
         src_toks = [a for a, _ in r.bigrams]
         closer = dict(r.brackets)
-        seq, labels = [BOS], [NONE]
+        seq, labels, nll = [BOS], [NONE], [0.0]
         seen: set[int] = {BOS}
         stack: list[int] = []
         copy: list[int] = []
         cum = np.cumsum([self.p_copy, self.p_bracket, self.p_skip_a, self.p_skip_b, self.p_bigram])
         while len(seq) < self.seq_len:
             cur = seq[-1]
-            label = NONE
+            label, probs = NONE, None
             if copy:
                 nxt, label = copy.pop(0), INDUCTION
             elif cur in bigram:
@@ -110,6 +140,7 @@ class SyntheticLanguage:
             elif cur in trig and trig[cur][0] in seen:
                 nxt, label = trig[cur][1], SKIP_TRIGRAM
             else:
+                probs = self._random_event_probs(seq, stack) if with_nll else None
                 u = rng.random()
                 lo, hi = self.span_len
                 if u < cum[0] and len(seq) >= 2 * hi:
@@ -133,27 +164,68 @@ class SyntheticLanguage:
                     nxt = r.fillers[int(rng.integers(len(r.fillers)))]
             seq.append(int(nxt))
             labels.append(label)
+            nll.append(0.0 if probs is None else float(-np.log(probs[int(nxt)])))
             seen.add(int(nxt))
-        return seq, labels
+        return seq, labels, nll
 
-    def generate(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, n: int, seed: int | None = None, return_nll: bool = False
+                 ) -> tuple[torch.Tensor, ...]:
         """``(tokens [n, seq_len], rule [n, seq_len])``: ``rule[:, t]`` is the mechanism (index into
         ``RULE_NAMES``) that produced ``tokens[:, t]``, i.e. what predicting it from ``tokens[:, :t]``
-        tests. ``seed`` defaults to the language's seed + 1 (sequences differ from the rule draw)."""
-        rng = np.random.default_rng(self.seed + 1 if seed is None else seed)
-        out = [self._sequence(rng) for _ in range(n)]
-        return torch.tensor([s for s, _ in out]), torch.tensor([lab for _, lab in out])
+        tests. ``seed`` defaults to the language's seed + 1 (sequences differ from the rule draw).
 
-    def batches(self, batch_size: int, pool_size: int = 4096, seed: int = 0
+        ``return_nll`` adds ``nll [n, seq_len]`` (float64): ``-log p(tokens[:, t])`` under the generator's
+        own next-token distribution given its state (the open copy, the bracket stack, the tokens seen).
+        Its mean is the **loss floor**: no model reading only the tokens can do better on average (the
+        state is a function of the generator's choices, which include everything the tokens reveal); rule
+        positions are 0, random events carry the entropy of the mixture of step 4."""
+        rng = np.random.default_rng(self.seed + 1 if seed is None else seed)
+        out = [self._sequence(rng, return_nll) for _ in range(n)]
+        tokens = torch.tensor([s for s, _, _ in out])
+        rule = torch.tensor([lab for _, lab, _ in out])
+        if return_nll:
+            return tokens, rule, torch.tensor([x for _, _, x in out], dtype=torch.float64)
+        return tokens, rule
+
+    def generate_many(self, n: int, seed: int = 0, workers: int = 0, chunk: int = 512) -> torch.Tensor:
+        """tokens [n, seq_len] in chunks of ``chunk`` sequences, chunk ``i`` drawn by a generator seeded
+        with ``(language seed, seed, i)``: the same tokens for any ``workers`` (processes; 0 = this one)."""
+        sizes = [min(chunk, n - i) for i in range(0, n, chunk)]
+        jobs = [((self.seed, 1000 + seed, i), size) for i, size in enumerate(sizes)]
+        if workers > 0 and len(jobs) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers) as pool:
+                parts = list(pool.map(self._chunk, jobs))
+        else:
+            parts = [self._chunk(job) for job in jobs]
+        return torch.cat(parts) if parts else torch.empty(0, self.seq_len, dtype=torch.long)
+
+    def _chunk(self, job: tuple[tuple[int, ...], int]) -> torch.Tensor:
+        rng = np.random.default_rng(job[0])
+        return torch.tensor([self._sequence(rng)[0] for _ in range(job[1])])
+
+    def batches(self, batch_size: int, seed: int = 0, pool_size: int | None = None, workers: int = 0
                 ) -> Callable[[int], dict[str, torch.Tensor]]:
-        """A ``get_batch(index)`` for ``seqmem_shared.train.Trainer``: rows of a pool of ``pool_size``
-        sequences drawn by a generator seeded with ``(seed, index)`` (deterministic, resumable)."""
-        pool, _ = self.generate(pool_size, seed=self.seed + 1000 + seed)
+        """A ``get_batch(index)`` for ``seqmem_shared.train.Trainer`` (deterministic, resumable).
+
+        Default: ``batch_size`` fresh sequences per index, from a generator seeded with ``(language seed,
+        seed, index)`` (an endless stream; generation runs in Python, ~0.3 ms per sequence of 64).
+        ``pool_size``: draw that many sequences up front with :meth:`generate_many` (``workers``
+        processes) and serve them in order, cycling; make it ``steps * batch_size`` to use each sequence
+        once (a small pool lets a model memorize the random events)."""
+        if pool_size is not None:
+            pool = self.generate_many(pool_size, seed=seed, workers=workers)
+
+            def from_pool(index: int) -> dict[str, torch.Tensor]:
+                rows = (torch.arange(batch_size) + index * batch_size) % len(pool)
+                return {"input_ids": pool[rows], "attention_mask": torch.ones(batch_size, self.seq_len,
+                                                                               dtype=torch.long)}
+
+            return from_pool
 
         def get_batch(index: int) -> dict[str, torch.Tensor]:
-            g = torch.Generator().manual_seed(hash((seed, index)) % 2**63)
-            rows = torch.randint(0, pool_size, (batch_size,), generator=g)
-            tokens = pool[rows]
+            tokens = self._chunk(((self.seed, 1000 + seed, index), batch_size))
             return {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
 
         return get_batch

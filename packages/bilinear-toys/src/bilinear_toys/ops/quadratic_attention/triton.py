@@ -4,8 +4,12 @@ One program per (batch * head, block of value columns) walks the chunks in order
 masked intra-chunk term ``((Q_c K_c^T) * scale)^2 @ V_c`` and, for every row ``a`` of the state
 ``S[a] = sum_j k_ja k_j v_j^T`` ([D, BV], kept in an fp32 scratch in global memory that only this program
 touches), the inter-chunk term ``scale^2 * (Q_c * Q_c[:, a]) @ S[a]`` before updating ``S[a]`` with the
-chunk's keys. Memory O(B H D^2 Dv), no T x T matrix. The backward pass recomputes through
-:func:`~bilinear_toys.ops.quadratic_attention.linear.quadratic_attention_chunked`.
+chunk's keys. Memory O(B H D^2 Dv), no T x T matrix.
+
+The backward pass saves only q, k, v and recomputes the forward in fp32 through
+:func:`~bilinear_toys.ops.quadratic_attention.linear.quadratic_attention_chunkwise` (all chunks as batched
+matmuls, no Python loop over chunks), then differentiates that: O(T/C D^2 Dv + T D^2) transient memory
+per head, still no T x T matrix.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-from bilinear_toys.ops.quadratic_attention.linear import quadratic_attention_chunked
+from bilinear_toys.ops.quadratic_attention.linear import quadratic_attention_chunkwise
 
 
 @triton.jit
@@ -83,11 +87,12 @@ class _QuadraticLinearTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v = (x.detach().requires_grad_(True) for x in ctx.saved_tensors)
-        with torch.enable_grad():
-            z = quadratic_attention_chunked(q, k, v, ctx.scale, ctx.chunk_size)
-        dq, dk, dv = torch.autograd.grad(z, (q, k, v), grad)
-        return dq, dk, dv, None, None
+        saved = ctx.saved_tensors
+        q, k, v = (x.detach().float().requires_grad_(True) for x in saved)
+        with torch.enable_grad(), torch.autocast(q.device.type, enabled=False):
+            z = quadratic_attention_chunkwise(q, k, v, ctx.scale, ctx.chunk_size)
+        grads = torch.autograd.grad(z, (q, k, v), grad.float())
+        return (*(g.to(x.dtype) for g, x in zip(grads, saved)), None, None)
 
 
 def quadratic_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
