@@ -27,11 +27,10 @@ NORMS = (None, "rms")
 INITS = ("seed", "unit")
 # Context length from which attention_impl="auto" uses the linear (state) form instead of the O(N^2)
 # masked form. Measured on an H100 (2026-11-22, bench/bench_quadratic_attention.py, batch 1, 8 heads,
-# d_head 32, bf16): the masked form is faster at every n_ctx up to 16384 (forward 18 ms vs 30 ms for the
-# Triton linear form at 16384), so there is no time crossover; the linear form's advantage is memory
-# (0.8 GiB vs 20 GiB at 16384). "auto" therefore switches only past 16384 tokens, where the N^2 scores
-# stop fitting comfortably.
-DEFAULT_LINEAR_CROSSOVER = 16384
+# d_head 32, bf16) with the chunkwise linear form that "auto" runs: forward+backward 3.3 vs 3.0 ms at 4096,
+# 4.7 vs 11.6 ms at 8192, 8.9 vs 45.7 ms at 16384 (forward alone it already wins at 4096); memory
+# 1.4 vs 20 GiB at 16384.
+DEFAULT_LINEAR_CROSSOVER = 8192
 
 
 @dataclass
