@@ -54,7 +54,8 @@ def _train(job: tuple[str, int, dict]) -> dict:
     model = model.float().eval()
     val = data.language.generate(a["val_sequences"], seed=seed + 20_000, return_nll=True)
     return {"model_type": model_type, "seed": seed, "dir": str(out),
-            "final_val_loss": metrics["final_val_loss"], "losses": rule_losses(model, *val),
+            "final_val_loss": metrics["final_val_loss"],
+            "losses": rule_losses(model, *val, skip_trigrams=data.language.rules.skip_trigrams),
             "data_s": round(t_data, 1), "train_s": round(time.time() - t0, 1)}
 
 
@@ -64,7 +65,7 @@ def _weights(directory: str) -> Path:
 
 def _fitted(losses: dict, margin: float) -> dict:
     """Fit criterion: every mechanism's loss (and the total) within ``margin`` nats of its floor."""
-    gaps = {k: v["loss"] - v["floor"] for k, v in losses.items()}
+    gaps = {k: v["loss"] - v["floor"] for k, v in losses.items() if " " not in k}
     return {"gap_to_floor": {k: round(g, 3) for k, g in gaps.items()}, "margin": margin,
             "fitted": all(g < margin for g in gaps.values() if g == g)}
 

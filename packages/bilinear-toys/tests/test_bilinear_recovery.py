@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from bilinear_toys import ModelConfig, ToyTransformer
-from bilinear_toys.recovery import bigram_recovery, extended_direct_path, skip_trigram_recovery
+from bilinear_toys.data import SyntheticLanguage
+from bilinear_toys.recovery import (
+    DEFAULT_THRESHOLDS,
+    bigram_recovery,
+    calibrate_thresholds,
+    extended_direct_path,
+    rule_losses,
+    skip_trigram_recovery,
+)
 
 V = 12
 
@@ -63,3 +73,27 @@ def test_skip_trigrams_written_into_the_weights_are_recovered():
     rec = skip_trigram_recovery(model, planted, max_offset=4)
     assert rec["recall"] == 1.0 and rec["precision"] == 1.0 and rec["recall_at_k"] == 1.0
     assert skip_trigram_recovery(model, [(1, 2, 7)], max_offset=4)["recall"] == 0.0
+
+
+def test_calibrated_thresholds_separate_or_maximize_f1():
+    rec = {"bigrams": {"z_planted": [20.0, 30.0], "z_max_other": 4.0, "z_other_top": [4.0, 2.0]},
+           "skip_trigrams": {"z_planted": [8.0, 12.0, 15.0], "z_max_other": 10.0,
+                             "z_other_top": [10.0, 3.0, 1.0]},
+           "heads": {"previous_token": {"z_planted": [], "z_max_other": 0.1, "z_other_top": [0.1]},
+                     "induction": {"z_planted": [0.3], "z_max_other": float("-inf"), "z_other_top": []}}}
+    thr = calibrate_thresholds(rec)
+    assert thr["bigrams"] == 12.0                      # midpoint between 20 and 4
+    assert 3.0 < thr["skip_trigrams"] < 8.0            # overlap: keeping all 3 planted (1 FP) beats F1 of 2/3
+    assert thr["previous_token"] == DEFAULT_THRESHOLDS["previous_token"]  # nothing planted to calibrate on
+    assert thr["induction"] == 0.15
+
+
+def test_rule_losses_against_the_generator_floor():
+    lang = SyntheticLanguage(vocab_size=48, seq_len=24, seed=0)
+    tokens, rule, nll = lang.generate(16, return_nll=True)
+    model = ToyTransformer(ModelConfig("attention_only_1L", vocab_size=48, d_model=8, n_head=2, n_ctx=24))
+    out = rule_losses(model, tokens, rule, nll, batch_size=5, skip_trigrams=lang.rules.skip_trigrams)
+    assert out["all"]["count"] == 16 * 23 and abs(out["all"]["loss"] - math.log(48)) < 0.05  # ~uniform init
+    assert out["bigram"]["floor"] == 0.0 and out["all"]["floor"] < out["all"]["loss"]
+    per_rule = sum(v["count"] for k, v in out.items() if k.startswith("skip_trigram "))
+    assert per_rule == out["skip_trigram"]["count"]

@@ -52,17 +52,18 @@ def robust_z(scores: torch.Tensor) -> torch.Tensor:
 def _score(candidates: list[tuple], z: torch.Tensor, planted: set, threshold: float,
            top: set) -> dict[str, Any]:
     """Precision/recall of the candidates with ``z > threshold``, plus the z-scores calibration needs."""
-    detected = {c for c, zi in zip(candidates, z.tolist()) if zi > threshold}
+    detected = {c for c, zi in zip(candidates, z.tolist()) if zi > threshold and zi == zi}
     tp = len(detected & planted)
     hit = [c in planted for c in candidates]
     other = [float(zi) for zi, h in zip(z, hit) if not h]
     return {"precision": tp / len(detected) if detected else 0.0,
             "recall": tp / len(planted) if planted else 0.0, "n_detected": len(detected),
-            "n_planted": len(planted), "threshold": threshold,
+            "n_planted": len(planted), "threshold": threshold, "detected": sorted(detected),
             "recall_at_k": len(top & planted) / max(len(planted), 1),
-            "missed": sorted(planted - detected),
+            "missed": sorted(planted - detected), "false_positives": sorted(detected - planted),
             "z_planted": sorted(round(float(zi), 3) for zi, h in zip(z, hit) if h),
-            "z_max_other": round(max(other, default=float("-inf")), 3)}
+            "z_max_other": round(max(other, default=float("-inf")), 3),
+            "z_other_top": [round(x, 3) for x in sorted(other, reverse=True)[:32]]}
 
 
 def bigram_recovery(model: ToyTransformer, bigrams: list, threshold: float | None = None,
@@ -81,13 +82,16 @@ def bigram_recovery(model: ToyTransformer, bigrams: list, threshold: float | Non
 
 def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset: int = 16,
                           threshold: float | None = None, dst_chunk: int = 32,
-                          exclude_src: tuple[int, ...] = (0,), include_mlp: bool = True) -> dict[str, Any]:
+                          exclude_src: tuple[int, ...] = (0,), include_mlp: bool = True,
+                          exclude_pairs: set[tuple[int, int]] | frozenset = frozenset()) -> dict[str, Any]:
     """Planted ``(A, B, C)`` vs entries ``T[dst=B, src=A, out=C]`` of the offset-averaged full circuit,
     summed over layers (each layer's heads read the token embeddings: the direct paths, no composition),
     with each block's MLP path when it has one (``include_mlp``), centered over ``src``. Excluded as not
     skip-trigrams: ``C == A`` (copying), ``A == B`` (attending to earlier copies of the current token: a
-    bigram path) and ``exclude_src`` (the synthetic language's BOS, in every context: a constant, which
-    the MLP path takes as part of every context)."""
+    bigram path), ``exclude_src`` (the synthetic language's BOS: in every context, so a constant, which
+    the MLP path takes as part of every context; never a current token with a context, never predicted)
+    and ``exclude_pairs`` ``(B, C)``: bigrams detected in the weights (``B -> C`` needs no ``A``; the MLP
+    rescales such a large logit with whatever is attended)."""
     offsets = range(1, max_offset + 1)
     v = model.config.vocab_size
     planted = {tuple(map(int, x)) for x in skip_trigrams}
@@ -99,9 +103,14 @@ def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset
     for slices in zip(*layers):
         ids = slices[0][0]
         t = sum(t for _, t in slices)
-        t = (t - t.mean(dim=1, keepdim=True)).masked_fill(
-            ~C.skip_trigram_mask(ids, v, exclude_copying=True, exclude_same_token=True,
-                                 exclude_src=exclude_src), float("-inf")).float().cpu()
+        keep = C.skip_trigram_mask(ids, v, exclude_copying=True, exclude_same_token=True,
+                                   exclude_src=exclude_src)
+        for tok in exclude_src:
+            keep[ids == tok] = False
+            keep[:, :, tok] = False
+        for b, c in exclude_pairs:
+            keep[ids == b, :, c] = False
+        t = (t - t.mean(dim=1, keepdim=True)).masked_fill(~keep, float("-inf")).float().cpu()
         best, flat = t.flatten(1).max(dim=1)
         bests.append(best)
         candidates += [(int(f) // v, int(b), int(f) % v) for b, f in zip(ids.tolist(), flat.tolist())]
@@ -136,7 +145,9 @@ def head_recovery(model: ToyTransformer, thresholds: dict[str, float] | None = N
                      "n_detected": len(det), "n_reference": len(ref), "threshold": thr[kind],
                      "z_planted": sorted(float(w[x]) for x in ref),
                      "z_max_other": max((float(w[l, h]) for l in range(n_l) for h in range(n_h)
-                                         if (l, h) not in ref), default=float("-inf"))}
+                                         if (l, h) not in ref), default=float("-inf")),
+                     "z_other_top": sorted((float(w[l, h]) for l in range(n_l) for h in range(n_h)
+                                            if (l, h) not in ref), reverse=True)}
     return out
 
 
@@ -147,8 +158,9 @@ def rule_recovery(model: ToyTransformer, rules: dict[str, Any], max_offset: int 
     thr = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     out: dict[str, Any] = {"bigrams": bigram_recovery(model, rules.get("bigrams", []), thr["bigrams"])}
     if rules.get("skip_trigrams"):
+        bigrams = {tuple(x) for x in out["bigrams"]["detected"]}
         out["skip_trigrams"] = skip_trigram_recovery(model, rules["skip_trigrams"], max_offset,
-                                                     thr["skip_trigrams"])
+                                                     thr["skip_trigrams"], exclude_pairs=bigrams)
     out["heads"] = head_recovery(model, thr, max_offset=max_offset)
     return out
 
@@ -156,25 +168,41 @@ def rule_recovery(model: ToyTransformer, rules: dict[str, Any], max_offset: int 
 def calibrate_thresholds(recovery: dict[str, Any]) -> dict[str, float]:
     """Thresholds from a :func:`rule_recovery` of a *calibration* model (another language seed): per
     detector, the midpoint between the weakest planted candidate (``z_planted``) and the strongest other
-    one (``z_max_other``) when they separate; otherwise the default. Apply them to a different model."""
+    one when they separate, else the cut (midpoint between adjacent scores) with the best F1; the default
+    when the calibration model has no planted candidate. Apply them to a different model."""
     out = dict(DEFAULT_THRESHOLDS)
+    heads = recovery.get("heads", {})
     entries = {"bigrams": recovery.get("bigrams"), "skip_trigrams": recovery.get("skip_trigrams"),
-               "previous_token": recovery.get("heads", {}).get("previous_token"),
-               "induction": recovery.get("heads", {}).get("induction")}
+               "previous_token": heads.get("previous_token"), "induction": heads.get("induction")}
     for name, e in entries.items():
-        if e and e["z_planted"] and min(e["z_planted"]) > e["z_max_other"] > float("-inf"):
-            out[name] = (min(e["z_planted"]) + e["z_max_other"]) / 2
+        if not e or not e["z_planted"]:
+            continue
+        pos = e["z_planted"]
+        neg = e.get("z_other_top", [e["z_max_other"]] if e["z_max_other"] > float("-inf") else [])
+        if not neg or min(pos) > max(neg):
+            out[name] = (min(pos) + max(neg)) / 2 if neg else min(pos) / 2
+            continue
+        values = sorted(set(pos) | set(neg))
+        cuts = [(a + b) / 2 for a, b in zip(values, values[1:])]
+
+        out[name] = max(cuts, key=lambda cut, pos=pos, neg=neg: _f1(cut, pos, neg))
     return out
+
+
+def _f1(cut: float, pos: list[float], neg: list[float]) -> float:
+    tp, fp = sum(p > cut for p in pos), sum(n > cut for n in neg)
+    return 2 * tp / (tp + fp + len(pos)) if tp else 0.0
 
 
 @torch.no_grad()
 def rule_losses(model: ToyTransformer, tokens: torch.Tensor, rule: torch.Tensor, nll: torch.Tensor,
-                batch_size: int = 256) -> dict[str, dict[str, float]]:
+                batch_size: int = 256, skip_trigrams: list | None = None) -> dict[str, dict[str, float]]:
     """Model loss vs the generator's loss floor, per mechanism (``RULE_NAMES``) and in total.
 
     tokens, rule, nll [N, T] from ``SyntheticLanguage.generate(n, return_nll=True)``; position ``t``
     (``t >= 1``) is predicted from ``tokens[:, :t]``. Returns ``{name: {"loss", "floor", "count"}}`` with
     ``"all"`` for every position: rule positions have floor 0, so their loss says whether the rule is learnt.
+    ``skip_trigrams`` (the planted ``(A, B, C)``) adds one entry ``"skip_trigram A,B,C"`` per rule.
     """
     from bilinear_toys.data.synthetic import RULE_NAMES
 
@@ -185,9 +213,12 @@ def rule_losses(model: ToyTransformer, tokens: torch.Tensor, rule: torch.Tensor,
         losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:].to(device),
                                                         reduction="none").double().cpu())
     loss, lab, floor = torch.cat(losses), rule[:, 1:], nll[:, 1:]
+    masks = [("all", torch.ones_like(lab, dtype=torch.bool)),
+             *((name, lab == i) for i, name in enumerate(RULE_NAMES))]
+    masks += [(f"skip_trigram {a},{b},{c}", (lab == RULE_NAMES.index("skip_trigram")) & (tokens[:, :-1] == b))
+              for a, b, c in (skip_trigrams or [])]
     out = {}
-    for i, name in [(None, "all"), *enumerate(RULE_NAMES)]:
-        m = torch.ones_like(lab, dtype=torch.bool) if i is None else lab == i
+    for name, m in masks:
         if m.any():
             out[name] = {"loss": float(loss[m].mean()), "floor": float(floor[m].mean()),
                          "count": int(m.sum())}

@@ -206,8 +206,10 @@ def induction_scores_weights(model: ToyTransformer, max_offset: int = 16) -> tor
 
     For head (l, h) and every earlier head (l0, h0): ``prev(h0) * match(h0 -> h) * max(0, copy(h))`` where
     ``prev`` is :func:`previous_token_score_weights`, ``match`` the fraction of query tokens whose
-    largest K-composed score ``(x W_Q W_K^T (W_E OV_h0)^T y)^2`` is at ``y = x`` (query matches the token
-    *before* the key), ``copy`` the :func:`copying_score`. Maximized over earlier heads.
+    largest K-composed pattern ``mean_delta (x W_Q R(-delta) W_K^T (W_E OV_h0)^T y)^2`` (averaged over key
+    offsets 1..max_offset: induction targets earlier occurrences at any distance, and RoPE rotates the
+    score with the offset) is at ``y = x`` (the query matches the token *before* the key), ``copy`` the
+    :func:`copying_score`. Maximized over earlier heads.
     """
     require_polynomial(model, "induction_scores_weights")
     n_l, n_h = model.config.n_layers, model.config.n_head
@@ -217,6 +219,7 @@ def induction_scores_weights(model: ToyTransformer, max_offset: int = 16) -> tor
                              for l in range(n_l)])
         e = model.W_E
         ar = torch.arange(e.shape[0], device=e.device)
+        rot = key_rotation(model, torch.arange(1, max_offset + 1), e)
         for l in range(1, n_l):
             for h in range(n_h):
                 copy = max(0.0, copying_score(model, l, h))
@@ -224,7 +227,8 @@ def induction_scores_weights(model: ToyTransformer, max_offset: int = 16) -> tor
                 for l0 in range(l):
                     for h0 in range(n_h):
                         k = (e @ model.OV[l0, h0]) @ model.W_K[l, h]
-                        s = (q @ k.T).square()
+                        s = torch.einsum("xa,oab,yb->oxy", q, rot, k).square().mean(0) if rot.ndim == 3 \
+                            else (q @ rot @ k.T).square()
                         match = float((s.argmax(-1) == ar).float().mean())
                         out[l, h] = max(out[l, h], float(prev[l0, h0]) * match * copy)
     return out
