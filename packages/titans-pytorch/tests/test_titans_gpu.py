@@ -109,6 +109,9 @@ def test_compiled_dual_equals_eager_on_cuda():
 
 
 def test_cuda_graph_train_step_equals_eager():
+    # The flex tests above compile flex_attention for 12 mask/shape variants, past dynamo's recompile
+    # limit; flex then runs its unfused eager fallback, which cannot be captured. Start from a clean cache.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = MemoryAsContextTransformer(
         num_tokens=256,
@@ -144,12 +147,18 @@ def test_cuda_graph_train_step_equals_eager():
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_graphed_memory_equals_eager(bf16):
+    """fp32: the replayed graph equals the eager call. bf16: graph capture may pick other cuBLAS kernels,
+    so both are compared with the fp32 eager result and the graph may not be clearly worse than eager."""
     torch.manual_seed(0)
     mem = NeuralMemory(64, chunk_size=8, batch_size=32, heads=2, dim_head=32, qk_rmsnorm=True).cuda()
     autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
     with torch.autocast(**autocast):
         read = graphed_memory(mem, torch.randn(2, 100, 64, device="cuda"))
     params = [p for p in mem.parameters() if p.requires_grad]
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
     for _ in range(2):  # replays see new inputs
         x = torch.randn(2, 100, 64, device="cuda")
         with torch.autocast(**autocast):
@@ -157,7 +166,13 @@ def test_graphed_memory_equals_eager(bf16):
             ref = mem(x)[0].float()
         grads = torch.autograd.grad(out.square().sum(), params)
         ref_grads = torch.autograd.grad(ref.square().sum(), params)
-        tol = 2e-2 if bf16 else 1e-5
-        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
-        for g, r in zip(grads, ref_grads):
-            torch.testing.assert_close(g, r, atol=tol, rtol=tol)
+        if not bf16:
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            for g, r in zip(grads, ref_grads):
+                torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+            continue
+        exact = mem(x)[0]
+        exact_grads = torch.autograd.grad(exact.square().sum(), params)
+        assert rel(out, exact) <= 2 * rel(ref, exact) + 1e-3
+        for g, r, e in zip(grads, ref_grads, exact_grads):
+            assert rel(g, e) <= 2 * rel(r, e) + 1e-3, (rel(g, e), rel(r, e))
