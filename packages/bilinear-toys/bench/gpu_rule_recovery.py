@@ -39,23 +39,31 @@ def _train(job: tuple[str, int, dict]) -> dict:
         torch.set_num_threads(a["threads"])
     torch.manual_seed(seed)
     t0 = time.time()
-    print(f"[{model_type} seed {seed}] generating data", flush=True)
     out = Path(a["out"]) / f"{model_type}_seed{seed}"
-    data = build_data("synthetic", a["n_ctx"], a["batch_size"], vocab_size=a["vocab_size"], seed=seed,
-                      synthetic_pool=a["steps"] * a["batch_size"], workers=a["workers"])
-    t_data = time.time() - t0
-    print(f"[{model_type} seed {seed}] data in {t_data:.0f}s, training", flush=True)
-    cfg = ModelConfig(model_type, vocab_size=a["vocab_size"], d_model=a["d_model"], n_head=a["n_head"],
-                      n_ctx=a["n_ctx"], init=a["init"], attention_impl="quadratic")
-    tc = TrainConfig(max_steps=a["steps"], lr=a["lr"], optimizer="muon", weight_decay=0.0,
-                     warmup_steps=a["warmup"], eval_every=max(a["steps"] // 5, 1), out_dir=str(out),
-                     seed=seed, progress=False, resume=False)
-    model, metrics = train_model(cfg, data, tc, out)
+    done = list(out.glob("toy_transformer_*.safetensors")) if a["reuse"] else []
+    if done:  # analyse an earlier run's checkpoint
+        print(f"[{model_type} seed {seed}] reusing {done[0]}", flush=True)
+        model = load_model(done[0])
+        lang = SyntheticLanguage(vocab_size=a["vocab_size"], seq_len=a["n_ctx"] + 1, seed=seed)
+        metrics, t_data = {"final_val_loss": float("nan")}, 0.0
+    else:
+        print(f"[{model_type} seed {seed}] generating data", flush=True)
+        data = build_data("synthetic", a["n_ctx"], a["batch_size"], vocab_size=a["vocab_size"], seed=seed,
+                          synthetic_pool=a["steps"] * a["batch_size"], workers=a["workers"])
+        lang = data.language
+        t_data = time.time() - t0
+        print(f"[{model_type} seed {seed}] data in {t_data:.0f}s, training", flush=True)
+        cfg = ModelConfig(model_type, vocab_size=a["vocab_size"], d_model=a["d_model"], n_head=a["n_head"],
+                          n_ctx=a["n_ctx"], init=a["init"], attention_impl="quadratic")
+        tc = TrainConfig(max_steps=a["steps"], lr=a["lr"], optimizer="muon", weight_decay=0.0,
+                         warmup_steps=a["warmup"], eval_every=max(a["steps"] // 5, 1), out_dir=str(out),
+                         seed=seed, progress=False, resume=False)
+        model, metrics = train_model(cfg, data, tc, out)
     model = model.float().eval()
-    val = data.language.generate(a["val_sequences"], seed=seed + 20_000, return_nll=True)
+    val = lang.generate(a["val_sequences"], seed=seed + 20_000, return_nll=True)
     return {"model_type": model_type, "seed": seed, "dir": str(out),
             "final_val_loss": metrics["final_val_loss"],
-            "losses": rule_losses(model, *val, skip_trigrams=data.language.rules.skip_trigrams),
+            "losses": rule_losses(model, *val, skip_trigrams=lang.rules.skip_trigrams),
             "data_s": round(t_data, 1), "train_s": round(time.time() - t0, 1)}
 
 
@@ -90,6 +98,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=3, help="data-generation processes per job")
     p.add_argument("--fit_margin", type=float, default=0.1, help="nats above the floor that count as fitted")
     p.add_argument("--threads", type=int, default=0, help="torch threads per job (0: leave as is)")
+    p.add_argument("--reuse", action="store_true", help="analyse checkpoints already in --out, if any")
     p.add_argument("--no_report", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run")
     args = p.parse_args()

@@ -6,11 +6,13 @@ import math
 
 import torch
 from bilinear_toys import ModelConfig, ToyTransformer
+from bilinear_toys import circuits as C
 from bilinear_toys.data import SyntheticLanguage
 from bilinear_toys.recovery import (
     DEFAULT_THRESHOLDS,
     bigram_recovery,
     calibrate_thresholds,
+    context_circuit_slices,
     extended_direct_path,
     rule_losses,
     skip_trigram_recovery,
@@ -82,7 +84,9 @@ def test_calibrated_thresholds_separate_or_maximize_f1():
            "heads": {"previous_token": {"z_planted": [], "z_max_other": 0.1, "z_other_top": [0.1]},
                      "induction": {"z_planted": [0.3], "z_max_other": float("-inf"), "z_other_top": []}}}
     thr = calibrate_thresholds(rec)
-    assert thr["bigrams"] == 12.0                      # midpoint between 20 and 4
+    assert thr["bigrams"] == DEFAULT_THRESHOLDS["bigrams"]  # the a-priori z = 6 separates 20 from 4
+    rec["bigrams"]["z_other_top"], rec["bigrams"]["z_max_other"] = [8.0, 2.0], 8.0
+    assert calibrate_thresholds(rec)["bigrams"] == 14.0  # it does not: midpoint between 20 and 8
     assert 3.0 < thr["skip_trigrams"] < 8.0            # overlap: keeping all 3 planted (1 FP) beats F1 of 2/3
     assert thr["previous_token"] == DEFAULT_THRESHOLDS["previous_token"]  # nothing planted to calibrate on
     assert thr["induction"] == 0.15
@@ -97,3 +101,17 @@ def test_rule_losses_against_the_generator_floor():
     assert out["bigram"]["floor"] == 0.0 and out["all"]["floor"] < out["all"]["loss"]
     per_rule = sum(v["count"] for k, v in out.items() if k.startswith("skip_trigram "))
     assert per_rule == out["skip_trigram"]["count"]
+
+
+def test_context_circuit_equals_the_full_circuit_for_one_layer():
+    """Inert (zero-embedding) positions make the minimal-context circuit exact: it matches the path
+    expansion of a 1-layer transformer (attention + bilinear MLP) at one offset."""
+    torch.manual_seed(0)
+    m = ToyTransformer(ModelConfig("transformer_1L", vocab_size=11, d_model=8, n_head=2, n_ctx=8)).double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.4)
+    for delta in (1, 3):
+        net = torch.cat([t for _, t in context_circuit_slices(m, [delta], prefix=(), dst_chunk=4)])
+        paths = torch.cat([t for _, t in C.full_circuit_slices(m, offsets=delta, include_mlp=True)])
+        assert paths.abs().max() > 0.1
+        torch.testing.assert_close(net.double(), paths, rtol=1e-5, atol=1e-5 * paths.abs().max().item())

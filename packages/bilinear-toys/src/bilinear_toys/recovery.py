@@ -8,16 +8,16 @@ from :mod:`bilinear_toys.circuits`.
 **Criterion.** Per current token the detector keeps its strongest candidate (the next token for bigrams,
 the (A, C) pair for skip-trigrams) and gives it a robust z-score against the strongest candidates of all
 current tokens: ``z = (score - median) / (1.4826 MAD)``. Most current tokens carry no rule, so they form
-the null distribution; a candidate is *detected* when ``z > threshold``. Heads are detected when their
-weight score exceeds a threshold. Thresholds are *calibrated* on a model trained on a different language
-(another seed: other rule tokens) by :func:`calibrate_thresholds` (the midpoint between the weakest
-planted and the strongest unplanted candidate, or the F1-best cut if they overlap) and then applied
+the null distribution; a candidate is *detected* when ``z > 6`` (a priori). Heads are detected when
+their weight score exceeds a threshold. Thresholds are checked or chosen on a model trained on a
+different language (another seed: other rule tokens) by :func:`calibrate_thresholds` and then applied
 unchanged to the evaluated model; without calibration the defaults of :data:`DEFAULT_THRESHOLDS` hold.
 ``recall_at_k`` ranks every candidate and takes the top ``k = #planted`` (threshold-free).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -80,37 +80,94 @@ def bigram_recovery(model: ToyTransformer, bigrams: list, threshold: float | Non
     return _score(candidates, robust_z(best), planted, thr, top)
 
 
+@torch.no_grad()
+def context_circuit_slices(model: ToyTransformer, offsets: range | list[int] = range(1, 17),
+                           prefix: tuple[int, ...] = (0,), dst_chunk: int = 8
+                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(dst_ids [n], T[n, V(src), V(out)])``: the whole model's skip-trigram circuit, every layer
+    and every composition path included, averaged over key offsets ``delta``:
+
+    ``T[B, A, C] = mean_delta logits(prefix, A, 0^(delta-1), B)[C] - logits(prefix, 0^delta, B)[C]``
+
+    where ``0`` is an *inert* position (zero embedding: its query, key and value vanish, so in a
+    polynomial model it neither attends nor is attended, and its residual stays zero in every layer). It
+    is the model's tensor network contracted on one-hot minimal contexts (:func:`logits_from_network`
+    proves the two equal), a function of the weights: no data. For one layer, one offset and no prefix it
+    equals ``full_circuit_slices(include_mlp=True)``.
+    """
+    C._common.require_polynomial(model, "context_circuit_slices")
+    v, device = model.config.vocab_size, model.W_E.device
+    pre = torch.tensor(prefix, dtype=torch.long, device=device)
+    src = torch.arange(v, device=device)
+    for start in range(0, v, dst_chunk):
+        ids = torch.arange(start, min(start + dst_chunk, v), device=device)
+        total = torch.zeros(len(ids), v, v, device=device)
+        for delta in offsets:
+            n = len(ids) * v
+            tokens = torch.zeros(n, len(pre) + delta + 1, dtype=torch.long, device=device)
+            tokens[:, :len(pre)] = pre
+            tokens[:, len(pre)] = src.repeat(len(ids))
+            tokens[:, -1] = ids.repeat_interleave(v)
+            live = torch.zeros_like(tokens, dtype=torch.bool)
+            live[:, :len(pre) + 1] = True
+            live[:, -1] = True
+            base = live.clone()
+            base[:, len(pre)] = False
+            outs = []
+            for mask in (live, base):
+                with model.hooks([("hook_embed", lambda x, hook, m=mask: x * m[..., None].to(x.dtype))]):
+                    outs.append(model(tokens)[:, -1].float())
+            total += (outs[0] - outs[1]).view(len(ids), v, v)
+        yield ids, total / len(offsets)
+
+
 def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset: int = 16,
                           threshold: float | None = None, dst_chunk: int = 32,
                           exclude_src: tuple[int, ...] = (0,), include_mlp: bool = True,
-                          exclude_pairs: set[tuple[int, int]] | frozenset = frozenset()) -> dict[str, Any]:
-    """Planted ``(A, B, C)`` vs entries ``T[dst=B, src=A, out=C]`` of the offset-averaged full circuit,
-    summed over layers (each layer's heads read the token embeddings: the direct paths, no composition),
-    with each block's MLP path when it has one (``include_mlp``), centered over ``src``. Excluded as not
-    skip-trigrams: ``C == A`` (copying), ``A == B`` (attending to earlier copies of the current token: a
-    bigram path), ``exclude_src`` (the synthetic language's BOS: in every context, so a constant, which
-    the MLP path takes as part of every context; never a current token with a context, never predicted)
-    and ``exclude_pairs`` ``(B, C)``: bigrams detected in the weights (``B -> C`` needs no ``A``; the MLP
-    rescales such a large logit with whatever is attended)."""
+                          exclude_dst: set[int] | frozenset = frozenset(),
+                          circuit: str = "network") -> dict[str, Any]:
+    """Planted ``(A, B, C)`` vs entries ``T[dst=B, src=A, out=C]`` of an offset-averaged circuit, centered
+    over ``src`` (effects of ``B`` alone) and then over ``dst`` (effects of ``A`` alone, e.g. the bigram of
+    ``A`` leaking through a previous-token head): what remains is the interaction of ``A`` and ``B``. The
+    V^3 circuit is held on the CPU (8 MiB at V = 128). ``circuit="network"``:
+    :func:`context_circuit_slices` (the whole model, composition included). ``circuit="paths"``: the full
+    circuit of each layer's heads reading the token embeddings (direct paths, no composition), with each
+    block's MLP path (``include_mlp``), summed over layers.
+
+    Excluded as not skip-trigrams: ``C == A`` (copying), ``A == B`` (attending to earlier copies of the
+    current token: a bigram path), ``exclude_src`` (the synthetic language's BOS: in every context, so a
+    constant, which the MLP path takes as part of every context; never a current token with a context,
+    never predicted) and ``exclude_dst``: current tokens whose next token is already certain (sources of
+    bigrams detected in the weights): training never constrains their other logits, which hold A-B
+    interactions that mean nothing."""
     offsets = range(1, max_offset + 1)
     v = model.config.vocab_size
     planted = {tuple(map(int, x)) for x in skip_trigrams}
     k = max(len(planted), 1)
-    layers = [C.full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer,
-                                    include_mlp=include_mlp, context=exclude_src)
-              for layer in range(model.config.n_layers)]
+    if circuit not in ("network", "paths"):
+        raise ValueError(f"circuit={circuit!r}: expected 'network' or 'paths'")
+    if circuit == "network":
+        layers = [context_circuit_slices(model, offsets, prefix=tuple(exclude_src), dst_chunk=dst_chunk)]
+    else:
+        layers = [C.full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer,
+                                        include_mlp=include_mlp, context=exclude_src)
+                  for layer in range(model.config.n_layers)]
+    parts = [(slices[0][0].cpu(), sum(t for _, t in slices).float().cpu()) for slices in zip(*layers)]
+    parts = [(ids, t - t.mean(dim=1, keepdim=True)) for ids, t in parts]  # [dst, src, out]: center over src
+    live = [ids for ids, _ in parts if ids.numel()]
+    skip = torch.tensor(sorted({*exclude_src, *exclude_dst}), dtype=torch.long)
+    dst_mean = sum(t[~torch.isin(ids, skip)].sum(0) for ids, t in parts)
+    dst_mean = dst_mean / max(sum(int((~torch.isin(ids, skip)).sum()) for ids in live), 1)
     bests, candidates, top_vals, top_keys = [], [], torch.empty(0), []
-    for slices in zip(*layers):
-        ids = slices[0][0]
-        t = sum(t for _, t in slices)
+    for ids, t in parts:
         keep = C.skip_trigram_mask(ids, v, exclude_copying=True, exclude_same_token=True,
                                    exclude_src=exclude_src)
         for tok in exclude_src:
             keep[ids == tok] = False
             keep[:, :, tok] = False
-        for b, c in exclude_pairs:
-            keep[ids == b, :, c] = False
-        t = (t - t.mean(dim=1, keepdim=True)).masked_fill(~keep, float("-inf")).float().cpu()
+        for b in exclude_dst:
+            keep[ids == b] = False
+        t = (t - dst_mean).masked_fill(~keep, float("-inf"))  # and over dst: effects of A alone
         best, flat = t.flatten(1).max(dim=1)
         bests.append(best)
         candidates += [(int(f) // v, int(b), int(f) % v) for b, f in zip(ids.tolist(), flat.tolist())]
@@ -158,18 +215,25 @@ def rule_recovery(model: ToyTransformer, rules: dict[str, Any], max_offset: int 
     thr = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     out: dict[str, Any] = {"bigrams": bigram_recovery(model, rules.get("bigrams", []), thr["bigrams"])}
     if rules.get("skip_trigrams"):
-        bigrams = {tuple(x) for x in out["bigrams"]["detected"]}
-        out["skip_trigrams"] = skip_trigram_recovery(model, rules["skip_trigrams"], max_offset,
-                                                     thr["skip_trigrams"], exclude_pairs=bigrams)
+        sources = {int(b) for b, _ in out["bigrams"]["detected"]}
+        for key, circuit in (("skip_trigrams", "network"), ("skip_trigrams_direct_paths", "paths")):
+            out[key] = skip_trigram_recovery(model, rules["skip_trigrams"], max_offset,
+                                             thr["skip_trigrams"], exclude_dst=sources, circuit=circuit)
     out["heads"] = head_recovery(model, thr, max_offset=max_offset)
     return out
 
 
 def calibrate_thresholds(recovery: dict[str, Any]) -> dict[str, float]:
-    """Thresholds from a :func:`rule_recovery` of a *calibration* model (another language seed): per
-    detector, the midpoint between the weakest planted candidate (``z_planted``) and the strongest other
-    one when they separate, else the cut (midpoint between adjacent scores) with the best F1; the default
-    when the calibration model has no planted candidate. Apply them to a different model."""
+    """Thresholds from a :func:`rule_recovery` of a *calibration* model (another language seed); apply
+    them to a different model.
+
+    Bigrams and skip-trigrams are robust z-scores against the null of the unplanted current tokens, so
+    their a-priori threshold (6 MADs) stands whenever it separates the calibration model's planted
+    candidates (``z_planted``) from the others; the head scores have no null, so theirs is the midpoint
+    between the weakest planted and the strongest other head. Where the calibration model does not
+    separate, the cut (midpoint between adjacent scores) with the best F1; the default when it has no
+    planted candidate.
+    """
     out = dict(DEFAULT_THRESHOLDS)
     heads = recovery.get("heads", {})
     entries = {"bigrams": recovery.get("bigrams"), "skip_trigrams": recovery.get("skip_trigrams"),
@@ -179,12 +243,14 @@ def calibrate_thresholds(recovery: dict[str, Any]) -> dict[str, float]:
             continue
         pos = e["z_planted"]
         neg = e.get("z_other_top", [e["z_max_other"]] if e["z_max_other"] > float("-inf") else [])
-        if not neg or min(pos) > max(neg):
+        separated = not neg or min(pos) > max(neg)
+        if separated and name in ("bigrams", "skip_trigrams") and min(pos) > out[name] >= max(neg, default=0):
+            continue
+        if separated:
             out[name] = (min(pos) + max(neg)) / 2 if neg else min(pos) / 2
             continue
         values = sorted(set(pos) | set(neg))
         cuts = [(a + b) / 2 for a, b in zip(values, values[1:])]
-
         out[name] = max(cuts, key=lambda cut, pos=pos, neg=neg: _f1(cut, pos, neg))
     return out
 
