@@ -193,9 +193,11 @@ class SyntheticLanguage:
         sizes = [min(chunk, n - i) for i in range(0, n, chunk)]
         jobs = [((self.seed, 1000 + seed, i), size) for i, size in enumerate(sizes)]
         if workers > 0 and len(jobs) > 1:
+            import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(workers) as pool:
+            # spawn: forking a process whose torch/OpenMP threads are running can deadlock
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 parts = list(pool.map(self._chunk, jobs))
         else:
             parts = [self._chunk(job) for job in jobs]
