@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 from bilinear_toys.ops.quadratic_attention import (
@@ -26,6 +25,7 @@ from bilinear_toys.ops.quadratic_attention import (
     quadratic_attention_chunkwise,
     quadratic_attention_reference,
 )
+from seqmem_shared.benchmarking import environment, median_ms
 
 
 def _forms(smoke: bool):
@@ -42,20 +42,8 @@ def _forms(smoke: bool):
 
 
 def _time(fn, device: torch.device, reps: int) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) * 1000 / reps
+    """Median ms per call (one untimed warm-up call)."""
+    return median_ms(fn, warmup=1, reps=reps, device=device)
 
 
 def main() -> None:
@@ -93,7 +81,7 @@ def main() -> None:
                 "heads": args.heads,
                 "d_head": args.d_head,
                 "dtype": args.dtype,
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "device": environment(device=device)["device"],
             }
             try:
                 q, k, v = (

@@ -12,22 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
+from seqmem_shared.benchmarking import environment, median_ms
 
 
 def _time(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / reps
+    """Median seconds per call."""
+    return median_ms(fn, warmup=warmup, reps=reps, device="cuda") / 1000
 
 
 def main() -> None:
@@ -40,7 +32,6 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_extraction needs a CUDA device")
-    import fla
     from retnet_forgetting import RetNetStateExtractor, load_retnet_model
     from retnet_forgetting.reference import RETNET_2_7B, RetNetConfig
 
@@ -72,10 +63,8 @@ def main() -> None:
             except torch.cuda.OutOfMemoryError:
                 results.append({"T": T, "K": K, "fla_forward_tok_s": T / t_fla, "error": "out of memory"})
             torch.cuda.empty_cache()
-    print(json.dumps({"bench": "retnet_extraction", "device": torch.cuda.get_device_name(),
-                      "torch": torch.__version__, "fla": getattr(fla, "__version__", "?"),
-                      "python": platform.python_version(), "arch": arch, "batch": 1, "dtype": "bfloat16",
-                      "results": results}, indent=2))
+    print(json.dumps({"bench": "retnet_extraction", **environment("flash-linear-attention"), "arch": arch,
+                      "batch": 1, "dtype": "bfloat16", "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from seqmem_shared import config as shared_config
 from seqmem_shared.kernels import cross_entropy
 from seqmem_shared.train import TrainConfig, Trainer, init_distributed
 from torch import nn
@@ -134,16 +135,9 @@ def _write_config(config: Config) -> None:
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["d_state=16", "architecture=polar"]`` -> {"d_state": 16, "architecture": "polar"} (YAML values)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    """``["d_state=16", "architecture=polar"]`` -> {"d_state": 16, "architecture": "polar"}, each value typed
+    by its Config field; an unknown field is an error with a did-you-mean hint."""
+    return shared_config.parse_overrides(items, Config)
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
