@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from retnet_forgetting.ops.retention import DEFAULT_CHUNK_SIZE, chunk_states, retention, states_at_positions
-from retnet_forgetting.padding import gather_rows, right_align_index
+from retnet_forgetting.padding import check_inputs, check_positions, gather_rows, right_align_index
 from retnet_forgetting.reference.layers import retention_output, retention_qkv
 
 StateSink = Callable[..., None]
@@ -184,24 +184,7 @@ class RetNetStateExtractor:
             raise ValueError(f"layers={bad}: expected indices in [0, {self.num_layers - 1}]")
         return chosen
 
-    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids: expected a non-empty [B, T] tensor, "
-                             f"got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask).long().cpu()
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            if (attention_mask.sum(1) == 0).any():
-                raise ValueError("attention_mask: every row needs at least one real token")
-            if bool(attention_mask.all()):
-                attention_mask = None
-        return input_ids, attention_mask
+    _inputs = staticmethod(check_inputs)
 
     def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
              positions: torch.Tensor | list[int], layers: Iterable[int] | None, emit: StateSink,
@@ -211,14 +194,7 @@ class RetNetStateExtractor:
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         B, T = input_ids.shape
         layers = self._layers(layers)
-        positions = torch.as_tensor(positions, dtype=torch.long).cpu()
-        if positions.dim() == 1:
-            positions = positions[None].expand(B, -1)
-        if positions.dim() != 2 or positions.shape[0] != B:
-            raise ValueError(f"positions: expected [K] or [B={B}, K], got shape {tuple(positions.shape)}")
-        if positions.numel() and (positions.min() < 0 or positions.max() >= T):
-            raise ValueError(f"positions: expected columns in [0, {T - 1}], "
-                             f"got {int(positions.min())}..{int(positions.max())}")
+        positions = check_positions(positions, B, T)
         given = positions
         if key_positions is not None:
             key_positions = torch.as_tensor(key_positions, dtype=torch.long).cpu()
