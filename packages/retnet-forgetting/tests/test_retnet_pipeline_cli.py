@@ -32,7 +32,7 @@ def test_run_end_to_end_and_resume(tmp_path):
     report = (out / "report.md").read_text()
     assert "Memory half-life per head" in report and "accuracy_vs_lag_ridge_head.png" in report
     curves = pd.read_csv(out / "curves.csv")
-    probes = {"ridge_head", "ridge_layer", "logistic_head", "logistic_layer", "readout_head"}
+    probes = {"ridge_head", "ridge_layer", "logistic_head", "logistic_layer", "readout_head", "model_answer"}
     assert set(curves["probe"]) == probes
     assert set(curves["lag"]) == {24, 200} and curves["accuracy"].between(0, 1).all()
     assert (out / "heatmap_ridge_head.png").stat().st_size > 1000
@@ -66,3 +66,78 @@ def test_train_tiny_saves_a_loadable_model(tmp_path):
                                  implementation="reference")
     assert model.config.hidden_size == 32
     assert (tmp_path / "tiny" / "train_summary.json").exists()
+
+
+def _recall_rows(n=40, lags=(20, 100)):
+    from retnet_forgetting.data.recall import RecallConfig, generate_recall_dataset
+
+    cfg = RecallConfig(num_sequences=n, lags=list(lags), filler="random", num_names=30)
+    return generate_recall_dataset(cfg, get_tokenizer("bytes"))
+
+
+def test_lag_batches_bucket_by_lag_and_curriculum():
+    from retnet_forgetting.train import LagBatches
+
+    df = _recall_rows(lags=(20, 100, 300))
+    batches = LagBatches(df, batch_size=6, curriculum=3)
+    short = max(df[df["target_lag"] == 20]["num_tokens"])
+    for index in (0, 1, 2, 5, 9):
+        b = batches(index)
+        ids, labels = b["input_ids"], b["labels"]
+        assert ids.shape[0] == 6
+        assert ids.shape[1] % 64 == 0 or ids.shape[1] in {g[0].shape[1] for g in batches.groups}
+        answer = (labels != -100).nonzero()
+        assert answer.shape[0] == 6  # exactly one supervised token per row: the value after the query
+        lengths = b["attention_mask"].sum(1)
+        assert (answer[:, 1] == lengths - 1).all()
+        if index == 0:  # curriculum: the first batch holds the shortest lag only
+            assert int(lengths.max()) <= short
+    widths = {batches(i)["input_ids"].shape[1] for i in range(3, 40)}
+    assert len(widths) >= 3  # every lag after the curriculum
+    torch.testing.assert_close(batches(7)["input_ids"], batches(7)["input_ids"])  # deterministic in index
+
+
+class _Peek(torch.nn.Module):
+    """Cheats: its logits at position t are one-hot at token t + 1 (the answer at the query)."""
+
+    def __init__(self, vocab=259, constant=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.vocab, self.constant = vocab, constant
+
+    def forward(self, input_ids):
+        nxt = torch.roll(input_ids, -1, dims=1) if self.constant is None else torch.full_like(input_ids,
+                                                                                                self.constant)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float() + self.w})()
+
+
+def test_model_answer_accuracy_by_lag():
+    from retnet_forgetting.train import answer_tokens, predict_answers, recall_accuracy_by_lag
+
+    df = _recall_rows(n=30)
+    acc = recall_accuracy_by_lag(_Peek(), df, batch_size=4)  # batches sorted by length, answers put back
+    assert acc == {"recall_acc": 1.0, "recall_acc_lag20": 1.0, "recall_acc_lag100": 1.0}
+    value = int(answer_tokens(df)[0])
+    pred = predict_answers(_Peek(constant=value), df, batch_size=7)
+    assert (pred == value).all()
+    const = recall_accuracy_by_lag(_Peek(constant=value), df)["recall_acc"]
+    assert const == float((answer_tokens(df) == value).mean()) < 1
+
+
+def test_train_tiny_time_limit_and_bad_value(tmp_path):
+    import json
+
+    import pytest
+    from retnet_forgetting.train import load_train_config, train_tiny
+
+    cfg = load_train_config(None)
+    cfg.update(out_dir=str(tmp_path / "t"), device="cpu", implementation="reference", model=TINY_MODEL,
+               dataset={"num_sequences": 40, "lags": [20, 60], "num_names": 30})
+    cfg["train"].update(max_steps=50, warmup_steps=1, batch_size=2, eval_every=0, save_every=0, eval_rows=8,
+                        time_limit_s=1e-6, curriculum_steps=10, progress=False)
+    train_tiny(cfg)
+    summary = json.loads((tmp_path / "t" / "train_summary.json").read_text())
+    assert summary["steps"] == 1 and "eval_recall_acc_lag20" in summary["metrics"]
+    cfg["train"]["time_limit_s"] = 0
+    with pytest.raises(ValueError, match="time_limit_s"):
+        train_tiny(cfg)

@@ -77,7 +77,7 @@ def plot_curves(curves, out_dir: str | Path, chance: float, num_heads: int) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     log_g = retention_log_decay(num_heads).numpy()
-    for probe, pc in curves.groupby("probe"):
+    for probe, pc in curves[curves["layer"] >= 0].groupby("probe"):
         layers = sorted(pc["layer"].unique())
         fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.2), squeeze=False, sharey=True)
         for ax, layer in zip(axes[0], layers):
@@ -103,24 +103,96 @@ def plot_curves(curves, out_dir: str | Path, chance: float, num_heads: int) -> l
         paths.append(path)
         heads = pc[pc["head"] >= 0]
         if len(heads):
-            longest = heads[heads["lag"] == heads["lag"].max()].pivot_table(index="layer", columns="head",
-                                                                            values="accuracy")
-            fig, ax = plt.subplots(figsize=(1 + 0.6 * longest.shape[1], 1 + 0.4 * longest.shape[0]))
-            im = ax.imshow(longest.to_numpy(), aspect="auto", vmin=chance, vmax=1, cmap="viridis")
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
-            ax.set_title(f"{probe}: accuracy at lag {int(heads['lag'].max())}")
-            fig.colorbar(im)
-            fig.tight_layout()
-            path = out_dir / f"heatmap_{probe}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(_heatmaps(heads, probe, out_dir, chance))
+    return paths
+
+
+def _heatmaps(heads, probe: str, out_dir: Path, chance: float) -> Path:
+    """One panel per lag: accuracy of every (layer, head)."""
+    import matplotlib.pyplot as plt
+
+    lags = sorted(heads["lag"].unique())
+    grids = [heads[heads["lag"] == lag].pivot_table(index="layer", columns="head", values="accuracy")
+             for lag in lags]
+    rows, cols = grids[0].shape
+    fig, axes = plt.subplots(1, len(lags), figsize=(0.8 + len(lags) * (0.5 + 0.28 * cols), 1.4 + 0.3 * rows),
+                             squeeze=False, sharey=True)
+    for ax, lag, grid in zip(axes[0], lags, grids):
+        im = ax.imshow(grid.to_numpy(), aspect="auto", vmin=chance, vmax=1, cmap="viridis")
+        ax.set_title(f"lag {int(lag)}", fontsize=8)
+        ax.set_xticks(range(cols), [str(h) for h in grid.columns], fontsize=6)
+        ax.set_yticks(range(rows), [str(x) for x in grid.index], fontsize=6)
+        ax.set_xlabel("head", fontsize=7)
+    axes[0][0].set_ylabel("layer", fontsize=7)
+    fig.suptitle(f"{probe}: accuracy per layer and head", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    path = out_dir / f"heatmap_{probe}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_summary(curves, half_lives, out_dir: str | Path, chance: float) -> list[Path]:
+    """``summary.png``: the model's own answers and the whole-layer probes vs lag; ``half_life_vs_decay.png``:
+    each (layer, head)'s memory half-life against its decay half-life (head probes; a half-life beyond the
+    longest lag is drawn at the top edge as a triangle)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    paths = []
+    whole = curves[curves["head"] < 0]
+    if len(whole):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for (probe, layer), g in whole.groupby(["probe", "layer"]):
+            g = g.sort_values("lag")
+            own = probe == "model_answer"
+            ax.plot(g["lag"], g["accuracy"], marker="o", lw=2.5 if own else 1, color="black" if own else None,
+                    ls="-" if own or probe.startswith("ridge") else "--",
+                    label="model's own answer" if own else f"{probe}, layer {layer}")
+        ax.axhline(chance, color="gray", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("lag (tokens)")
+        ax.set_ylabel("accuracy (test names)")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        paths.append(out_dir / "summary.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    heads = half_lives[half_lives["head"] >= 0]
+    if len(heads):
+        top = 2.0 * float(curves["lag"].max())
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        markers = dict(zip(sorted(heads["probe"].unique()), "osD^v"))
+        for (probe, layer), g in heads.groupby(["probe", "layer"]):
+            g = g[np.isfinite(g["half_life"]) | np.isinf(g["half_life"])]
+            if not len(g):
+                continue
+            y = np.where(np.isinf(g["half_life"]), top, g["half_life"])
+            ax.scatter(g["decay_half_life"], y, marker=markers[probe], s=18, alpha=0.8,
+                       label=f"{probe}, layer {layer}")
+        lim = [min(heads["decay_half_life"].min(), curves["lag"].min()) / 1.5, top * 1.5]
+        ax.plot(lim, lim, color="gray", lw=0.8, ls=":")
+        ax.axhline(top, color="gray", lw=0.5)
+        ax.text(lim[0] * 1.1, top * 1.08, "beyond the longest lag", fontsize=6, color="gray")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("decay half-life ln 0.5 / ln gamma_h (tokens)")
+        ax.set_ylabel("memory half-life (tokens)")
+        ax.legend(fontsize=5, ncol=2)
+        fig.tight_layout()
+        paths.append(out_dir / "half_life_vs_decay.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
     return paths
 
 
 def write_report(out_dir: str | Path, curves, half_lives, info: dict[str, Any], plots: list[Path]) -> Path:
     """``report.md`` with the setup, the half-life table and the plots."""
+    import pandas as pd
     from seqmem_shared.io import atomic_write_text
 
     out_dir = Path(out_dir)
@@ -129,13 +201,30 @@ def write_report(out_dir: str | Path, curves, half_lives, info: dict[str, Any], 
     lines += ["", "## Accuracy at each lag (best group per probe)", ""]
     best = curves.groupby(["probe", "lag"])["accuracy"].max().unstack(0)
     lines += [_markdown(best.reset_index()), ""]
+    own = curves[curves["probe"] == "model_answer"]
+    if len(own):
+        lines += ["## The model's own answers", "",
+                  "Accuracy of the model's argmax at the query (the token it would write next), test rows.",
+                  ""]
+        lines += [_markdown(own[["lag", "accuracy", "n"]].sort_values("lag")), ""]
     lines += ["## Memory half-life per head vs retention decay half-life", "",
-              "Half-life: lag at which probe accuracy falls halfway from its shortest-lag value to chance "
-              "(inf: never within the tested lags; nan: nothing decodable). "
-              "Decay half-life: ln 0.5 / ln gamma_h.",
+              "Half-life: lag at which accuracy falls halfway from its shortest-lag value to chance "
+              "(inf: never within the tested lags; nan: nothing decodable at the shortest lag). "
+              "Decay half-life: ln 0.5 / ln gamma_h. Column `all`: the probe on the whole layer.",
               ""]
-    table = half_lives.sort_values(["probe", "layer", "head"])
-    lines += [_markdown(table), ""]
+    for probe, table in half_lives[half_lives["layer"] >= 0].groupby("probe"):
+        kind = probe.rsplit("_", 1)[0]
+        table = pd.concat([table, half_lives[half_lives["probe"] == f"{kind}_layer"]]) \
+            if probe.endswith("_head") else table
+        if probe.endswith("_layer") and f"{kind}_head" in set(half_lives["probe"]):
+            continue  # shown as the `all` column of the head table
+        grid = table.pivot_table(index="layer", columns="head", values="half_life", dropna=False)
+        grid.columns = ["all" if c < 0 else f"head {c}" for c in grid.columns]
+        grid = grid[[c for c in grid.columns if c != "all"] + [c for c in grid.columns if c == "all"]]
+        decay = {f"head {h}": d for h, d in zip(table["head"], table["decay_half_life"]) if h >= 0}
+        grid.index = [f"layer {x}" for x in grid.index]
+        grid.loc["decay"] = [decay.get(c, math.nan) for c in grid.columns]
+        lines += [f"### {probe}", "", _markdown(grid.reset_index().rename(columns={"index": ""})), ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
 
@@ -143,6 +232,8 @@ def write_report(out_dir: str | Path, curves, half_lives, info: dict[str, Any], 
 def _markdown(df) -> str:
     """A pandas frame as a Markdown table (floats with 3 decimals)."""
     def cell(v: Any) -> str:
+        if isinstance(v, float) and math.isfinite(v) and abs(v) >= 100:
+            return f"{v:.0f}"
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     head = "| " + " | ".join(str(c) for c in df.columns) + " |"

@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from seqmem_shared.io import atomic_write, atomic_write_json
 
-from retnet_forgetting.analysis import accuracy_by_lag, half_life_table, plot_curves, write_report
+from retnet_forgetting.analysis import (
+    accuracy_by_lag,
+    half_life_table,
+    plot_curves,
+    plot_summary,
+    write_report,
+)
 from retnet_forgetting.data.recall import RecallConfig, generate_recall_dataset
 from retnet_forgetting.extraction import RetNetStateExtractor
 from retnet_forgetting.loading import get_model_config, load_retnet_model
@@ -35,9 +41,11 @@ DEFAULTS: dict[str, Any] = {
     "dataset": {},
     "extraction": {"batch_size": 8, "layers": None, "derotate": True, "shard_rows": 256, "dtype": "float16",
                    "readout": True, "reduction": {"kind": "bilinear", "rank_k": 16, "rank_v": 16}},
-    "probes": {"kinds": ["ridge", "logistic"], "groups": ["head", "layer"],
+    "probes": {"kinds": ["ridge", "logistic"], "groups": ["head", "layer"], "model_answer": True,
                "logistic": {"max_steps": 300, "lr": 1e-2, "weight_decay": 1e-3}},
 }
+"""``probes.model_answer``: also score the model's own answer (its argmax at the query) per lag, as the
+curve ``model_answer`` (layer and head -1)."""
 
 
 def merge_config(user: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +70,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 def run(cfg: dict[str, Any]) -> Path | None:
     """Run every stage; returns the report path (None on ranks other than 0 under torchrun)."""
+    import pandas as pd
     from seqmem_shared.tokenization import get_tokenizer
     from seqmem_shared.train import barrier, init_distributed
 
@@ -83,12 +92,14 @@ def run(cfg: dict[str, Any]) -> Path | None:
     curves = probe(cfg, StateStore(out / "states"), df, model)  # probe jobs split over ranks
     if dist.rank != 0:
         return None
+    if cfg["probes"]["model_answer"]:
+        curves = pd.concat([curves, model_answer_curve(cfg, model, df, out)], ignore_index=True)
     atomic_write(out / "curves.csv", lambda p: curves.to_csv(p, index=False))
     info = get_model_config(model)
     chance = 1.0 / len(df.attrs.get("values") or sorted(df["fact_value"].unique()))
     half = half_life_table(curves, chance, info["num_heads"])
     atomic_write(out / "half_lives.csv", lambda p: half.to_csv(p, index=False))
-    plots = plot_curves(curves, out, chance, info["num_heads"])
+    plots = plot_curves(curves, out, chance, info["num_heads"]) + plot_summary(curves, half, out, chance)
     setup = {"model": cfg["model"]["name_or_path"] or "random init from config",
              "layers x heads": f"{info['num_layers']} x {info['num_heads']}",
              "state per head": f"{info['head_k_dim']} x {info['head_v_dim']}",
@@ -96,6 +107,29 @@ def run(cfg: dict[str, Any]) -> Path | None:
              "filler": cfg["dataset"].get("filler", "prose"), "chance": round(chance, 3),
              "reduction": cfg["extraction"]["reduction"], "de-rotated": cfg["extraction"]["derotate"]}
     return write_report(out, curves, half, setup, plots)
+
+
+def model_answer_curve(cfg: dict[str, Any], model: torch.nn.Module, df, out: Path):
+    """Accuracy per lag of the model's own answers (argmax over the vocabulary at the query) on the test
+    split (``probe = "model_answer"``, chance ~ 1 / number of values). The answers are cached in
+    ``out/answers.parquet`` (resume skips the forward passes)."""
+    import pandas as pd
+
+    from retnet_forgetting.train import answer_tokens, predict_answers
+
+    path = out / "answers.parquet"
+    test = df[df["split"] == "test"]
+    if path.exists():
+        answers = pd.read_parquet(path)
+    else:
+        log.info("model answers: %d test rows", len(test))
+        answers = pd.DataFrame({"sequence_id": test["sequence_id"].to_numpy(), "answer": answer_tokens(test),
+                                "predicted": predict_answers(model, test, cfg["extraction"]["batch_size"])})
+        atomic_write(path, lambda p: answers.to_parquet(p, index=False))
+    return accuracy_by_lag(torch.tensor(answers["predicted"].to_numpy())[None],
+                           torch.tensor(answers["answer"].to_numpy()),
+                           torch.tensor(test["target_lag"].to_numpy()),
+                           [{"layer": -1, "head": -1}], "model_answer")
 
 
 def build_dataset(cfg: dict[str, Any], tokenizer: Any, out: Path):

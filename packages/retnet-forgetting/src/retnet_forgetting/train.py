@@ -10,15 +10,21 @@ The trained model is saved as ``out_dir/model`` (config.json + model.safetensors
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import random
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from retnet_forgetting.data.recall import RecallConfig, generate_recall_dataset
 from retnet_forgetting.loading import load_retnet_model
 from retnet_forgetting.reference import RetNetConfig
+
+log = logging.getLogger("seqmem.retnet")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "out_dir": "outputs/retnet-tiny",
@@ -31,6 +37,13 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "train": {"max_steps": 1000, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.01, "batch_size": 32,
               "eval_every": 200, "log_every": 50, "save_every": 500, "precision": "auto"},
 }
+"""``train`` also takes ``bucket_by_lag`` (default true: every batch holds one target lag, so short-lag
+batches are not padded to the longest lag), ``curriculum_steps`` (0: none; else the longest lag trained
+on grows from the shortest to the longest over these steps, see :class:`LagBatches`), ``time_limit_s``
+(stop after this many seconds of training, then evaluate and save; null: no limit) and ``eval_rows``
+(validation rows per evaluation)."""
+TRAIN_EXTRAS = {"batch_size": 32, "bucket_by_lag": True, "curriculum_steps": 0, "time_limit_s": None,
+                "eval_rows": 1024}
 
 
 def load_train_config(path: str | Path | None) -> dict[str, Any]:
@@ -61,8 +74,93 @@ def recall_batch(rows, pad_id: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+class LagBatches:
+    """``get_batch(index)`` for the Trainer, deterministic in ``index``: ``batch_size`` random training rows,
+    all of one target lag (drawn uniformly) when ``bucket_by_lag``, else of any lag.
+
+    ``curriculum`` > 0 (micro-batches; one per step in a single process): batch ``index`` draws only from
+    the shortest ``ceil(n_lags * (index + 1) / curriculum)`` lags, so the longest lag allowed grows from
+    the shortest to all of them over the first ``curriculum`` batches (needs ``bucket_by_lag``)."""
+
+    def __init__(self, rows, batch_size: int, bucket_by_lag: bool = True, curriculum: int = 0,
+                 pad_id: int = 0):
+        self.batch_size, self.curriculum = batch_size, curriculum
+        lags = rows["target_lag"].to_numpy()
+        members = ([np.flatnonzero(lags == lag) for lag in sorted(set(lags.tolist()))] if bucket_by_lag
+                   else [np.arange(len(rows))])
+        self.groups = [_padded(rows.iloc[m], pad_id) for m in members]  # (ids, labels) [n, T] each
+
+    def __call__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = random.Random(index)
+        n = len(self.groups)
+        if self.curriculum > 0:
+            n = min(n, math.ceil(n * (index + 1) / self.curriculum))
+        ids, labels = self.groups[rng.randrange(n)]
+        pick = [rng.randrange(len(ids)) for _ in range(self.batch_size)]
+        lengths = (labels[pick] != -100).argmax(1) + 1  # each row ends with its answer token
+        T = min(ids.shape[1], -(-int(lengths.max()) // 64) * 64)  # whole 64-token chunks: fewer variants
+        return {"input_ids": torch.from_numpy(ids[pick, :T]), "labels": torch.from_numpy(labels[pick, :T]),
+                "attention_mask": torch.from_numpy((np.arange(T)[None] < lengths[:, None]).astype(np.int64))}
+
+
+def _padded(rows, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``recall_batch`` of all ``rows`` as numpy arrays (built once, sliced per batch)."""
+    b = recall_batch(rows, pad_id)
+    return b["input_ids"].numpy(), b["labels"].numpy()
+
+
+@torch.no_grad()
+def predict_answers(model: torch.nn.Module, rows, batch_size: int = 32) -> np.ndarray:
+    """The model's own answer: argmax over the vocabulary of its logits at each row's ``query_position``
+    (the token after it is the fact's value). Rows are batched by length (right padding); ``[len(rows)]``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = np.argsort(rows["num_tokens"].to_numpy(), kind="stable")
+    pred = np.zeros(len(rows), dtype=np.int64)
+    for start in range(0, len(rows), batch_size):
+        sel = order[start:start + batch_size]
+        part = rows.iloc[sel]
+        ids = recall_batch(part)["input_ids"].to(device)
+        q = torch.tensor(part["query_position"].to_numpy(), device=device)
+        logits = model(input_ids=ids).logits
+        pred[sel] = logits[torch.arange(len(sel), device=device), q].argmax(-1).cpu().numpy()
+    model.train(was_training)
+    return pred
+
+
+def answer_tokens(rows) -> np.ndarray:
+    """The token each row's query should be answered with (the fact's value token): ``[len(rows)]``."""
+    pairs = zip(rows["input_ids"], rows["answer_position"])
+    return np.array([int(ids[a]) for ids, a in pairs], dtype=np.int64)
+
+
+def recall_accuracy_by_lag(model: torch.nn.Module, rows, batch_size: int = 32) -> dict[str, float]:
+    """``{"recall_acc": overall, "recall_acc_lag{L}": per target lag}`` of the model's own answers."""
+    correct = predict_answers(model, rows, batch_size) == answer_tokens(rows)
+    out = {"recall_acc": float(correct.mean()) if len(rows) else 0.0}
+    lags = rows["target_lag"].to_numpy()
+    for lag in sorted(set(lags.tolist())):
+        out[f"recall_acc_lag{lag}"] = float(correct[lags == lag].mean())
+    return out
+
+
+class _TimeLimit:
+    """Trainer callback: stop after ``seconds`` of training (``trainer._elapsed``, without eval and saves)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
+        if trainer._elapsed >= self.seconds and step < trainer.config.max_steps:
+            log.info("train-tiny: time_limit_s=%s reached at step %d; stopping", self.seconds, step)
+            trainer.should_stop = True
+
+
 def train_tiny(cfg: dict[str, Any]) -> Path:
-    """Train; returns the directory of the saved model."""
+    """Train; returns the directory of the saved model (``out_dir/model``). ``out_dir/train_summary.json``
+    holds the final metrics (loss, the model's recall accuracy per lag on validation names), the step
+    reached, the wall time and the config."""
     from seqmem_shared.io import atomic_write_json
     from seqmem_shared.tokenization import get_tokenizer
     from seqmem_shared.train import TrainConfig, Trainer
@@ -76,39 +174,40 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
     model, _ = load_retnet_model(model_cfg, device=cfg["device"], dtype=torch.float32,
                                  implementation=cfg["implementation"], tokenizer=False)
     model.train()
+    log.info("train-tiny: %s RetNet, %d layers x %d heads, %.2fM parameters on %s",
+             type(model).__module__.split(".")[0], model_cfg.num_hidden_layers, model_cfg.num_heads,
+             sum(p.numel() for p in model.parameters()) / 1e6, next(model.parameters()).device)
+    started = time.perf_counter()
     df = generate_recall_dataset(RecallConfig(**cfg["dataset"]), tokenizer)
     train_rows, val_rows = df[df["split"] == "train"], df[df["split"] != "train"]
     t = dict(cfg["train"])
-    batch_size = t.pop("batch_size")
-
-    def get_batch(index: int) -> dict[str, torch.Tensor]:
-        rng = random.Random(index)
-        return recall_batch(train_rows.iloc[[rng.randrange(len(train_rows)) for _ in range(batch_size)]])
+    extras = {k: t.pop(k, v) for k, v in TRAIN_EXTRAS.items()}
+    if extras["time_limit_s"] is not None and not extras["time_limit_s"] > 0:
+        raise ValueError(f"train.time_limit_s={extras['time_limit_s']}: expected a positive number or null")
+    eval_rows = val_rows.iloc[:int(extras["eval_rows"])]
+    if extras["curriculum_steps"] and not extras["bucket_by_lag"]:
+        raise ValueError("train.curriculum_steps: expected 0 when train.bucket_by_lag is false")
+    batches = LagBatches(train_rows, int(extras["batch_size"]), bool(extras["bucket_by_lag"]),
+                         int(extras["curriculum_steps"]) * int(t.get("grad_accum_steps", 1)))
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return m(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
-    @torch.no_grad()
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-        m.eval()
-        device = next(m.parameters()).device
-        correct = total = 0
-        for start in range(0, min(len(val_rows), 512), batch_size):
-            b = recall_batch(val_rows.iloc[start:start + batch_size])
-            logits = m(input_ids=b["input_ids"].to(device)).logits
-            q = torch.tensor(val_rows["query_position"].to_numpy()[start:start + batch_size])
-            pred = logits[torch.arange(len(q)), q.to(device)].argmax(-1).cpu()
-            target = b["input_ids"][torch.arange(len(q)), q + 1]
-            correct += int((pred == target).sum())
-            total += len(q)
-        m.train()
-        return {"recall_acc": correct / max(total, 1)}
+        return recall_accuracy_by_lag(m, eval_rows, int(extras["batch_size"]))
 
+    callbacks = [_TimeLimit(float(extras["time_limit_s"]))] if extras["time_limit_s"] else []
     trainer = Trainer(model, TrainConfig(**t, out_dir=str(out / "train"), best_metric="recall_acc",
-                                         best_mode="max"), loss_fn, get_batch, eval_fn)
+                                         best_mode="max"), loss_fn, batches, eval_fn, callbacks=callbacks)
     metrics = trainer.fit()
     model.eval()
     model_dir = out / "model"
     model.save_pretrained(model_dir)
-    atomic_write_json(out / "train_summary.json", {"metrics": metrics, "config": cfg})
+    summary = {"metrics": metrics, "steps": trainer.step, "wall_s": round(time.perf_counter() - started, 1),
+               "train_s": round(trainer._elapsed, 1),
+               "num_parameters": sum(p.numel() for p in model.parameters()),
+               "implementation": type(model).__module__.split(".")[0],
+               "device": str(next(model.parameters()).device),
+               "config": cfg}
+    atomic_write_json(out / "train_summary.json", summary)
     return model_dir

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 FILLERS = ("prose", "facts", "random", "corpus")
 SPLITS = ("train", "val", "test")
 
@@ -141,8 +143,8 @@ class _Filler:
 
     def _plain(self, n: int) -> list[int]:
         kind = self.cfg.filler
-        if kind == "random":
-            return [self.rng.randrange(self.vocab_size) for _ in range(n)]
+        if kind == "random":  # numpy, seeded from the sequence rng: ~50x faster for long lags
+            return np.random.default_rng(self.rng.getrandbits(64)).integers(0, self.vocab_size, n).tolist()
         if kind == "corpus":
             start = self.rng.randrange(max(1, len(self.corpus) - n))
             out = self.corpus[start:start + n]
