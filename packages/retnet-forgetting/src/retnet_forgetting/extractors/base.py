@@ -90,11 +90,30 @@ def conv_windows(x: torch.Tensor, positions: torch.Tensor, width: int) -> torch.
     return padded[b, idx].transpose(-1, -2)
 
 
+@dataclass
+class Pass:
+    """One prepared pass: ``ids [B, T]`` (on the model's device, rows right-aligned when padded),
+    ``positions [B, K]`` (device, columns of ``ids``), ``given [B, K]`` (CPU, the caller's columns),
+    ``index`` (the right-alignment permutation or None) and the sorted requested ``layers``."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    given: torch.Tensor
+    index: torch.Tensor | None
+    layers: list[int]
+
+
+LayerFn = Callable[[int, StateInputs], object]
+"""``at_layer(layer, inputs)``: emits the layer's states; returns its chunk scan (see ``chunk_states``)."""
+
+
 class StateExtractor:
     """Per-layer recurrent states at any positions in one pass (see the module docstring).
 
     Subclasses set ``family``, ``hook_module`` (``"attn"`` or ``"mixer"``), ``native_v_first`` and
-    implement :meth:`find_mixers` and :meth:`state_inputs`.
+    implement :meth:`find_mixers` and :meth:`state_inputs`; a family with its own kernels overrides
+    :meth:`chunk_states` / :meth:`states_at` (and :meth:`_forward` to run the model itself, as
+    :class:`~retnet_forgetting.RetNetStateExtractor` does).
 
     Args:
         model: a causal LM of the family (fla's or this package's reference).
@@ -128,6 +147,17 @@ class StateExtractor:
         """The state update's inputs from the mixer's input hidden states ``x [B, T, D]``."""
         raise NotImplementedError
 
+    def chunk_states(self, inputs: StateInputs) -> object:
+        """The layer's chunk scan, computed once per layer and handed to :meth:`states_at`."""
+        return inputs.scan(self.chunk_size)
+
+    def states_at(self, inputs: StateInputs, scanned: object, positions: torch.Tensor) -> torch.Tensor:
+        """States after the tokens at ``positions [B, n]`` (device, checked): ``[B, n, ...]`` in
+        ``state_dtype`` and this extractor's layout."""
+        u, log_a, h, _ = scanned
+        s = scan.states_at_positions(inputs.k, u, log_a, positions, h, self.chunk_size)
+        return self._to_layout(s).to(self.state_dtype)
+
     # ------------------------------------------------------------------ public API
     def hook_name(self, layer: int, what: str = "state") -> str:
         return f"blocks.{layer}.{self.hook_module}.hook_{what}"
@@ -153,8 +183,8 @@ class StateExtractor:
         ``{layer: [B, K, H, Dk, Dv]}``."""
         out: dict[int, list[torch.Tensor]] = {}
         self._run(input_ids, attention_mask, positions, layers,
-                  lambda layer, _pos, s: out.setdefault(layer, []).append(s))
-        return {layer: torch.cat(parts, dim=1) for layer, parts in out.items()}
+                  lambda layer, _pos, s, _inputs: out.setdefault(layer, []).append(s))
+        return join_blocks(out)
 
     @torch.inference_mode()
     def extract_conv_states_at_positions(self, input_ids: torch.Tensor, positions: torch.Tensor | list[int],
@@ -174,8 +204,9 @@ class StateExtractor:
                                    ) -> dict[int, torch.Tensor] | None:
         """The state at EVERY position, in blocks of ``position_block`` positions: to ``sink(layer,
         positions [B, n], states [B, n, ...])`` (after ``reduce``) when given, else returned as
-        ``{layer: [B, T, ...]}``. With padding only real positions are emitted (shorter rows repeat their
-        last one so that blocks stay rectangular)."""
+        ``{layer: [B, T, ...]}`` (retnet-2.7B: 84 MB per position over its 32 layers in bf16, so stream
+        long inputs). With padding only real positions are emitted (shorter rows repeat their last one so
+        that blocks stay rectangular)."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         B, T = input_ids.shape
         if attention_mask is None:
@@ -185,15 +216,15 @@ class StateExtractor:
             positions = index.gather(1, torch.minimum(torch.arange(T)[None], (lengths - 1)[:, None]))
         out: dict[int, list[torch.Tensor]] = {}
 
-        def keep(layer: int, pos: torch.Tensor, states: torch.Tensor) -> None:
+        def keep(layer: int, pos: torch.Tensor, states: torch.Tensor, _inputs: StateInputs) -> None:
             states = reduce(states) if reduce is not None else states
             if sink is not None:
                 sink(layer, pos, states)
             else:
                 out.setdefault(layer, []).append(states)
 
-        self._run(input_ids, attention_mask, positions, layers, keep)
-        return None if sink is not None else {layer: torch.cat(p, dim=1) for layer, p in out.items()}
+        self._run(input_ids, attention_mask, positions, layers, keep, stream=True)
+        return None if sink is not None else join_blocks(out)
 
     @torch.inference_mode()
     def run_with_cache(self, input_ids: torch.Tensor, positions: torch.Tensor | list[int] | None = None,
@@ -209,9 +240,9 @@ class StateExtractor:
         out: dict[int, list[torch.Tensor]] = {}
         convs: dict[int, dict[str, torch.Tensor]] = {}
         logits = self._run(input_ids, attention_mask, positions, layers,
-                           lambda layer, _p, s: out.setdefault(layer, []).append(s),
+                           lambda layer, _p, s, _inputs: out.setdefault(layer, []).append(s),
                            conv_sink=convs.__setitem__, logits=True)
-        cache = {self.hook_name(layer): torch.cat(p, 1) for layer, p in out.items()}
+        cache = {self.hook_name(layer): s for layer, s in join_blocks(out).items()}
         for layer, named in convs.items():
             cache.update({self.hook_name(layer, f"conv_state_{name}"): c for name, c in named.items()})
         if final:
@@ -221,7 +252,7 @@ class StateExtractor:
     @torch.no_grad()
     def extract_states_incremental(self, input_ids: torch.Tensor, positions: Iterable[int] | None = None,
                                    layers: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
-        """TEST ORACLE ONLY (O(N^2)): the model's own final recurrent state (its cache after
+        """TEST ORACLE ONLY (O(N^2)): the model's own final recurrent state (``.states``, or its cache after
         ``model(input_ids[:, :t+1], use_cache=True)``) for each t: ``{layer: [B, K, H, Dk, Dv]}`` fp32, in
         this extractor's layout. No padding support."""
         T = input_ids.shape[1]
@@ -229,9 +260,11 @@ class StateExtractor:
         layers = self._layers(layers)
         per_pos = []
         for t in positions:
-            cache = self.model(input_ids[:, : t + 1], use_cache=True).past_key_values
-            per_pos.append([self._to_layout(cache[layer]["recurrent_state"].float(), native_given=True)
-                            for layer in layers])
+            out = self.model(input_ids[:, : t + 1], use_cache=True)
+            states = getattr(out, "states", None)
+            if states is None:
+                states = [out.past_key_values[layer]["recurrent_state"] for layer in range(self.num_layers)]
+            per_pos.append([self._to_layout(states[layer].float(), native_given=True) for layer in layers])
         return {layer: torch.stack([s[i] for s in per_pos], dim=1) for i, layer in enumerate(layers)}
 
     # ------------------------------------------------------------------ internals
@@ -252,12 +285,16 @@ class StateExtractor:
     _inputs = staticmethod(check_inputs)
     _positions = staticmethod(check_positions)
 
-    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-             positions: torch.Tensor | list[int], layers: Iterable[int] | None, emit: StateSink | None,
-             conv_sink: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-             logits: bool = False) -> torch.Tensor | None:
-        """One forward pass with pre-hooks on the requested mixers; ``emit(layer, positions, states)`` per
-        block of positions and ``conv_sink(layer, {name: [B, K, D, W]})`` once per layer."""
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _block(self, num_positions: int, stream: bool) -> int:
+        """Positions per :meth:`states_at` call (``stream``: every position, sent on block by block)."""
+        return self.position_block
+
+    def _prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 positions: torch.Tensor | list[int], layers: Iterable[int] | None) -> Pass:
+        """Check everything once on the host (no device syncs later) and move the inputs to the model."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         B, T = input_ids.shape
         layers = self._layers(layers)
@@ -269,41 +306,64 @@ class StateExtractor:
             index, _ = right_align_index(attention_mask)
             positions = (attention_mask.cumsum(1) - 1).gather(1, given)
             input_ids = gather_rows(input_ids, index.to(input_ids.device))
-        device = next(self.model.parameters()).device
-        input_ids, positions = input_ids.to(device), positions.to(device)
-        deepest = max(layers)
+        device = self._device()
+        return Pass(input_ids.to(device), positions.to(device), given, index, layers)
+
+    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             positions: torch.Tensor | list[int], layers: Iterable[int] | None,
+             emit: Callable[[int, torch.Tensor, torch.Tensor, StateInputs], None] | None,
+             conv_sink: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+             logits: bool = False, stream: bool = False) -> torch.Tensor | None:
+        """One forward pass; ``emit(layer, positions, states, inputs)`` per block of positions and
+        ``conv_sink(layer, {name: [B, K, D, W]})`` once per layer. Returns the logits when asked for."""
+        p = self._prepare(input_ids, attention_mask, positions, layers)
+        K = p.positions.shape[1]
+        block = max(1, self._block(K, stream))
+
+        def at_layer(layer: int, inputs: StateInputs) -> object:
+            scanned = None
+            if emit is not None:
+                scanned = self.chunk_states(inputs)
+                for start in range(0, K, block):
+                    sl = slice(start, start + block)
+                    emit(layer, p.given[:, sl], self.states_at(inputs, scanned, p.positions[:, sl]), inputs)
+            if conv_sink is not None:
+                conv_sink(layer, {name: conv_windows(c, p.positions, inputs.conv_width).to(self.state_dtype)
+                                  for name, c in inputs.conv.items()})
+            return scanned
+
+        result = self._forward(p, at_layer, logits)
+        if result is not None and p.index is not None:
+            result = gather_rows(result, torch.argsort(p.index.to(result.device), dim=1))
+        return result
+
+    def _forward(self, p: Pass, at_layer: LayerFn, logits: bool) -> torch.Tensor | None:
+        """The model's own forward with pre-hooks on the requested mixers; stops after the deepest one
+        unless ``logits``."""
+        deepest = max(p.layers)
 
         def hook(layer: int) -> Callable:
             def pre_hook(mixer: nn.Module, args: tuple, kwargs: dict) -> None:
-                x = args[0] if args else kwargs["hidden_states"]
-                inputs = self.state_inputs(mixer, x)
-                if emit is not None:
-                    u, log_a, h, _ = inputs.scan(self.chunk_size)
-                    for start in range(0, positions.shape[1], self.position_block):
-                        sl = slice(start, start + self.position_block)
-                        s = scan.states_at_positions(inputs.k, u, log_a, positions[:, sl], h, self.chunk_size)
-                        emit(layer, given[:, sl], self._to_layout(s).to(self.state_dtype))
-                    del h
-                if conv_sink is not None:
-                    conv_sink(layer, {name: conv_windows(c, positions, inputs.conv_width).to(self.state_dtype)
-                                      for name, c in inputs.conv.items()})
+                at_layer(layer, self.state_inputs(mixer, args[0] if args else kwargs["hidden_states"]))
                 if layer == deepest and not logits:
                     raise _StopForward
             return pre_hook
 
         handles = [self.mixers[layer].register_forward_pre_hook(hook(layer), with_kwargs=True)
-                   for layer in layers]
+                   for layer in p.layers]
         try:
-            out = self.model(input_ids, use_cache=False)
+            out = self.model(p.ids, use_cache=False)
         except _StopForward:
             return None
         finally:
             for handle in handles:
                 handle.remove()
-        result = out.logits if hasattr(out, "logits") else out[0]
-        if index is not None:
-            result = gather_rows(result, torch.argsort(index.to(result.device), dim=1))
-        return result
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def join_blocks(parts: dict[int, list[torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """Blocks of positions joined along dim 1 (a single block is returned as is: no copy)."""
+    return {layer: p[0] if len(p) == 1 else torch.cat(p, dim=1) for layer, p in parts.items()}
 
 
 def last_columns(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

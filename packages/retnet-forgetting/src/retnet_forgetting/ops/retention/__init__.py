@@ -1,4 +1,5 @@
-"""Retention: recurrent, chunked and parallel forms, chunk-entry states and states at any positions.
+"""Retention: recurrent, chunked and parallel forms, chunk-entry states, the output from given chunk-entry
+states, and states at any positions.
 
 ``backend="auto"`` runs fla's kernels for CUDA tensors when fla is installed and the PyTorch reference
 otherwise; ``"torch"`` forces the reference, ``"fla"`` forces fla (raises when it cannot run).
@@ -24,7 +25,7 @@ from retnet_forgetting.ops.retention.reference import (
 MODES = ("chunk", "recurrent", "parallel")
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE", "MODES", "chunk_retention", "chunk_states", "parallel_retention",
+    "DEFAULT_CHUNK_SIZE", "MODES", "chunk_output", "chunk_retention", "chunk_states", "parallel_retention",
     "recurrent_retention", "retention", "retention_log_decay", "states_at_positions",
 ]
 
@@ -65,18 +66,40 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "ch
 
 
 def chunk_states(k: torch.Tensor, v: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 initial_state: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """States entering each chunk, ``[B, ceil(T/C), H, Dk, Dv]`` float32 (``h[:, c] = S_{cC-1}``)."""
+                 initial_state: torch.Tensor | None = None, backend: str = "auto",
+                 fp32_states: bool = True) -> torch.Tensor:
+    """States entering each chunk, ``[B, ceil(T/C), H, Dk, Dv]`` (``h[:, c] = S_{cC-1}``), accumulated in
+    fp32 and stored in fp32, or in ``k.dtype`` when ``fp32_states=False`` (as fla's own forward does)."""
     if _backend(backend, k, v) == "fla":
         from retnet_forgetting.ops.retention.fla_kernels import fla_chunk_states
 
         try:
-            return fla_chunk_states(k, v, chunk_size, initial_state)
+            return fla_chunk_states(k, v, chunk_size, initial_state, fp32_states)
         except (TypeError, ImportError, RuntimeError) as exc:  # fla's internal API moved: stay correct
             if backend == "fla":
                 raise
             _warn_once(f"fla chunk_fwd_h unusable ({type(exc).__name__}: {exc}); chunk states use PyTorch")
-    return reference.chunk_states(k, v, chunk_size, initial_state)
+    h = reference.chunk_states(k, v, chunk_size, initial_state)
+    return h if fp32_states else h.to(k.dtype)
+
+
+def chunk_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
+                 scale: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 backend: str = "auto") -> torch.Tensor:
+    """Retention output ``[B, T, H, Dv]`` from the chunk-entry states ``h`` of :func:`chunk_states` (what
+    ``retention(mode="chunk")`` computes, without recomputing ``h``): fla's ``chunk_fwd_o`` on CUDA, or
+    fla's whole ``chunk_retention`` when that stage is unusable."""
+    if _backend(backend, q, k, v) == "fla":
+        from retnet_forgetting.ops.retention.fla_kernels import fla_chunk_output, fla_retention
+
+        try:
+            return fla_chunk_output(q, k, v, h, scale, chunk_size)
+        except (TypeError, ImportError, RuntimeError) as exc:  # fla's internal API moved: stay correct
+            if backend == "fla":
+                raise
+            _warn_once(f"fla chunk_fwd_o unusable ({type(exc).__name__}: {exc}); using chunk_retention")
+            return fla_retention(q, k, v, "chunk", scale)[0]
+    return reference.chunk_output(q, k, v, h, scale, chunk_size)
 
 
 @functools.cache
@@ -87,25 +110,35 @@ def _warn_once(message: str) -> None:
 def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         h: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                         initial_state: torch.Tensor | None = None, backend: str = "auto",
-                        out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        out_dtype: torch.dtype = torch.float32, precision: str = "auto",
+                        checked: bool = False) -> torch.Tensor:
     """``S_t`` (state after token ``t``) for ``positions [K]`` or ``[B, K]``: ``[B, K, H, Dk, Dv]``.
 
     Accumulates in fp32 and returns ``out_dtype``. ``backend``: ``"auto"`` (fla chunk states and the
     Triton correction on CUDA), ``"torch"``, ``"fla"`` (fla chunk states) or ``"triton"`` (the Triton
-    correction; on CPU only under ``TRITON_INTERPRET=1``).
+    correction; on CPU only under ``TRITON_INTERPRET=1``). ``precision``: the Triton dot (``"auto"``,
+    ``"fast"`` tensor cores, ``"ieee"`` fp32; see ``triton_states``). ``checked=True``: ``positions`` is
+    already a valid ``[B, K]`` long tensor (skips the range check, which syncs for device tensors).
     """
     if backend not in ("auto", "torch", "fla", "triton"):
         raise ValueError(f"backend={backend!r}: expected one of 'auto', 'torch', 'fla', 'triton'")
     if h is None:
         h = chunk_states(k, v, chunk_size, initial_state, backend="auto" if backend == "triton" else backend)
-    positions = reference._as_batch_positions(positions, k.shape[0], k.shape[1]).to(k.device)
+    if not checked:
+        positions = reference._as_batch_positions(positions, k.shape[0], k.shape[1])
+    positions = positions.to(k.device)
     use_triton = backend == "triton" or (backend in ("auto", "fla") and _triton_ok(k, v, chunk_size))
     if use_triton and resolve_backend("triton" if backend == "triton" else "auto", k) == "triton":
         from retnet_forgetting.ops.retention.triton_states import states_at_positions_triton
 
-        log_g = retention_log_decay(k.shape[2], k.device)
-        return states_at_positions_triton(k, v, positions, h, log_g, chunk_size, out_dtype)
+        log_g = _log_decay(k.shape[2], str(k.device))
+        return states_at_positions_triton(k, v, positions, h, log_g, chunk_size, out_dtype, precision)
     return reference.states_at_positions(k, v, positions, h=h, chunk_size=chunk_size).to(out_dtype)
+
+
+@functools.cache
+def _log_decay(num_heads: int, device: str) -> torch.Tensor:
+    return retention_log_decay(num_heads, device)
 
 
 def _triton_ok(k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> bool:

@@ -119,15 +119,14 @@ def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tenso
     return carry * entry + torch.einsum("bkchd,bkch,bkche->bkhde", kk, w, vv)
 
 
-def chunk_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked parallel form: inter-chunk states from :func:`chunk_states`, exact quadratic form inside."""
+def chunk_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
+                 scale: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Output ``[B, T, H, Dv]`` of the chunked form given the chunk-entry states ``h [B, NC, H, Dk, Dv]``
+    (from :func:`chunk_states`): exact quadratic form inside each chunk plus ``q`` reading ``h``."""
     _check_qkv(q, k, v)
     B, T, H, Dk = q.shape
     C = chunk_size
     scale = Dk ** -0.5 if scale is None else scale
-    h = chunk_states(k, v, C, initial_state)
     n = h.shape[1]
     pad = n * C - T
 
@@ -143,12 +142,22 @@ def chunk_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     scores = torch.einsum("bnihd,bnjhd->bnhij", qc, kc) * intra_decay
     o = torch.einsum("bnhij,bnjhv->bnihv", scores, vc)
     from_entry = torch.exp((i + 1)[:, None] * log_g)  # [C, H]
-    o = o + torch.einsum("bnihd,ih,bnhdv->bnihv", qc, from_entry, h)
-    o = rearrange(o, "b n c h v -> b (n c) h v")[:, :T].to(q.dtype)
+    o = o + torch.einsum("bnihd,ih,bnhdv->bnihv", qc, from_entry, h.float())
+    return rearrange(o, "b n c h v -> b (n c) h v")[:, :T].to(q.dtype)
+
+
+def chunk_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                    initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked parallel form: :func:`chunk_states`, then :func:`chunk_output` (and the final state)."""
+    _check_qkv(q, k, v)
+    h = chunk_states(k, v, chunk_size, initial_state)
+    o = chunk_output(q, k, v, h, scale, chunk_size)
     final = None
     if output_final_state:
+        B, T = q.shape[:2]
         last = torch.full((B, 1), T - 1, dtype=torch.long, device=q.device)
-        final = states_at_positions(k, v, last, h=h, chunk_size=C)[:, 0]
+        final = states_at_positions(k, v, last, h=h, chunk_size=chunk_size)[:, 0]
     return o, final
 
 
