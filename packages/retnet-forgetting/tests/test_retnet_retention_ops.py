@@ -102,7 +102,7 @@ def test_chunk_output_from_given_states_equals_chunk_retention():
     o, _ = retention(q, k, v, mode="chunk")
     h = chunk_states(k, v, 16)
     torch.testing.assert_close(chunk_output(q, k, v, h, chunk_size=16), o, atol=1e-5, rtol=1e-4)
-    h16 = chunk_states(k.bfloat16(), v.bfloat16(), 16, fp32_states=False)  # stored as fla's forward keeps them
+    h16 = chunk_states(k.bfloat16(), v.bfloat16(), 16, fp32_states=False)  # as fla's forward keeps them
     assert h16.dtype == torch.bfloat16
     o16 = chunk_output(q.bfloat16(), k.bfloat16(), v.bfloat16(), h16, chunk_size=16)
     assert o16.dtype == torch.bfloat16 and _rel(o16, o) < 2e-2
