@@ -1,14 +1,17 @@
-"""Train attention_only_2L and transformer_1L on the synthetic language, then score how well the
-weight-based circuit analysis (no forward pass on data) recovers the planted rules. Prints JSON and writes
-it to --out (plus checkpoints and a bilinear-analyze report per evaluated model).
+"""Train toy models (and softmax reference transformers) on the synthetic language in parallel processes
+on one GPU, each for a fixed wall-clock budget, then measure per mechanism the loss against the
+generator's floor and the achievable (Bayes) loss, and score how well the weight-based analysis (no
+forward pass on data) recovers the planted rules. Prints JSON and writes it to ``--out``.
 
-Protocol: every model type is trained twice, on a *calibration* language (``--calibration_seed``: other
-rule tokens) and on the *evaluation* language (``--seed``). Detection thresholds are chosen on the
-calibration model (:func:`bilinear_toys.recovery.calibrate_thresholds`) and applied unchanged to the
-evaluation model, so they are never tuned on the answer. Fit is measured per mechanism against the
-generator's loss floor (:func:`bilinear_toys.recovery.rule_losses`). The jobs run in parallel processes.
+A *plan* (JSON) lists the jobs: ``{"defaults": {...}, "jobs": [{"name", "model_type" | "softmax_2L" |
+"softmax_1L", "seed", "d_model", "n_head", "lr", "batch_size", "time_s", ...}]}``. Protocol: thresholds
+are calibrated on the model of the *calibration* language (``calibration_seed``, other rule tokens) of
+the same ``group`` and applied unchanged to the model of the evaluation language
+(:func:`bilinear_toys.recovery.calibrate_thresholds`, :func:`~bilinear_toys.recovery.apply_thresholds`).
+The learning rate follows a wall-clock schedule (linear warmup over 3% of ``time_s``, cosine to 10%), so
+every job ends on time whatever the GPU sharing.
 
-    python packages/bilinear-toys/bench/gpu_rule_recovery.py --out runs/rule_recovery
+    python packages/bilinear-toys/bench/gpu_rule_recovery.py --plan bench/plans/production.json --out DIR
     python packages/bilinear-toys/bench/gpu_rule_recovery.py --smoke      # tiny CPU run
 """
 
@@ -16,131 +19,181 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
-from bilinear_toys.checkpoint import load_model
-from bilinear_toys.data import SyntheticLanguage
-from bilinear_toys.models import ModelConfig
-from bilinear_toys.recovery import calibrate_thresholds, rule_losses, rule_recovery
-from bilinear_toys.report import write_report
-from bilinear_toys.train import build_data, train_model
-from seqmem_shared.io import atomic_write_json
-from seqmem_shared.train import TrainConfig
+
+DEFAULTS: dict[str, Any] = {"vocab_size": 128, "n_ctx": 64, "d_model": 128, "n_head": 4, "lr": 1e-2,
+                            "batch_size": 128, "time_s": 60.0, "init": "unit", "seed": 0, "threads": 1,
+                            "pool": 400_000, "val_sequences": 2048, "max_offset": 16, "evals": 8,
+                            "warmup_frac": 0.03, "min_lr_ratio": 0.1}
 
 
-def _train(job: tuple[str, int, dict]) -> dict:
-    """One (model_type, language seed) job: train, save, measure the fit per mechanism."""
-    model_type, seed, a = job
-    if a["threads"]:
-        torch.set_num_threads(a["threads"])
-    torch.manual_seed(seed)
+class WallClock:
+    """LR factor and stopping by elapsed wall-clock time (warmup, then cosine to ``min_ratio``); also
+    evaluates ``eval_fn`` at ``evals`` evenly spaced times (the loss curve used to judge a plateau)."""
+
+    def __init__(self, budget_s: float, warmup_frac: float, min_ratio: float, eval_fn, evals: int) -> None:
+        self.budget, self.warmup, self.min_ratio = budget_s, warmup_frac, min_ratio
+        self.eval_fn, self.evals, self.t0, self.curve = eval_fn, evals, None, []
+
+    def frac(self) -> float:
+        return 0.0 if self.t0 is None else min((time.perf_counter() - self.t0) / self.budget, 1.0)
+
+    def factor(self, _step: int) -> float:
+        f = self.frac()
+        if f < self.warmup:
+            return max(f / self.warmup, 1e-3)
+        cos = 0.5 * (1 + math.cos(math.pi * (f - self.warmup) / (1 - self.warmup)))
+        return self.min_ratio + (1 - self.min_ratio) * cos
+
+    def on_fit_start(self, trainer) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, trainer, step: int, metrics: dict) -> None:
+        f = self.frac()
+        if f >= (len(self.curve) + 1) / self.evals or f >= 1.0:
+            model = trainer.raw_model
+            model.eval()
+            with torch.no_grad():
+                self.curve.append({"step": step, "time_frac": round(f, 3), "val_loss": self.eval_fn(model)})
+            model.train()
+        if f >= 1.0:
+            trainer.should_stop = True
+
+    def on_eval_end(self, *args) -> None: ...
+
+    def on_save(self, *args) -> None: ...
+
+
+def build_model(job: dict) -> torch.nn.Module:
+    from bilinear_toys.models import ModelConfig, ToyTransformer
+    from bilinear_toys.models.reference import SoftmaxTransformer
+
+    kind = job["model_type"]
+    if kind.startswith("softmax_"):
+        n_layers = int(kind.removeprefix("softmax_").removesuffix("L"))
+        return SoftmaxTransformer(job["vocab_size"], job["d_model"], job["n_head"], n_layers, job["n_ctx"],
+                                  mlp=job.get("mlp", True))
+    return ToyTransformer(ModelConfig(kind, vocab_size=job["vocab_size"], d_model=job["d_model"],
+                                      n_head=job["n_head"], n_ctx=job["n_ctx"], init=job["init"],
+                                      attention_impl="quadratic"))
+
+
+def run_job(job: dict) -> dict:
+    """Train one job for ``time_s`` seconds; return its losses (vs floor and achievable) and, for toy
+    models, the rule recovery at the default thresholds (with the scores needed to re-threshold)."""
+    from bilinear_toys.checkpoint import save_model
+    from bilinear_toys.data import SyntheticLanguage
+    from bilinear_toys.data.bayes import bayes_nll
+    from bilinear_toys.recovery import fit_summary, rule_losses, rule_recovery
+    from bilinear_toys.train import lm_loss
+    from seqmem_shared.optim import build_optimizer
+    from seqmem_shared.train import TrainConfig, Trainer, seed_everything
+
+    torch.set_num_threads(job["threads"])
     t0 = time.time()
-    out = Path(a["out"]) / f"{model_type}_seed{seed}"
-    done = list(out.glob("toy_transformer_*.safetensors")) if a["reuse"] else []
-    if done:  # analyse an earlier run's checkpoint
-        print(f"[{model_type} seed {seed}] reusing {done[0]}", flush=True)
-        model = load_model(done[0])
-        lang = SyntheticLanguage(vocab_size=a["vocab_size"], seq_len=a["n_ctx"] + 1, seed=seed)
-        metrics, t_data = {"final_val_loss": float("nan")}, 0.0
-    else:
-        print(f"[{model_type} seed {seed}] generating data", flush=True)
-        data = build_data("synthetic", a["n_ctx"], a["batch_size"], vocab_size=a["vocab_size"], seed=seed,
-                          synthetic_pool=a["steps"] * a["batch_size"], workers=a["workers"])
-        lang = data.language
-        t_data = time.time() - t0
-        print(f"[{model_type} seed {seed}] data in {t_data:.0f}s, training", flush=True)
-        cfg = ModelConfig(model_type, vocab_size=a["vocab_size"], d_model=a["d_model"], n_head=a["n_head"],
-                          n_ctx=a["n_ctx"], init=a["init"], attention_impl="quadratic")
-        tc = TrainConfig(max_steps=a["steps"], lr=a["lr"], optimizer="muon", weight_decay=0.0,
-                         warmup_steps=a["warmup"], eval_every=max(a["steps"] // 5, 1), out_dir=str(out),
-                         seed=seed, progress=False, resume=False)
-        model, metrics = train_model(cfg, data, tc, out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(job["seed"])
+    lang = SyntheticLanguage(vocab_size=job["vocab_size"], seq_len=job["n_ctx"] + 1, seed=job["seed"])
+    pool, _ = lang.sample(job["pool"], seed=job.get("data_seed", 0))
+    pool = pool.to(torch.uint8 if job["vocab_size"] <= 256 else torch.int32)
+    bs = job["batch_size"]
+    ones = torch.ones(bs, job["n_ctx"] + 1, dtype=torch.long)
+
+    def get_batch(index: int) -> dict[str, torch.Tensor]:
+        rows = (torch.arange(bs) + index * bs) % len(pool)
+        return {"input_ids": pool[rows].long(), "attention_mask": ones}
+
+    val_small, _ = lang.sample(8 * 256, seed=10_000)
+    val_small = val_small.to(device)
+
+    def val_loss(model: torch.nn.Module) -> float:
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            return float(sum(lm_loss(model, {"input_ids": b, "attention_mask": torch.ones_like(b)})[0]
+                             for b in val_small.split(256)) / 8)
+
+    model = build_model(job).to(device)
+    opt = build_optimizer(model, "muon", lr=job["lr"], weight_decay=0.0)
+    clock = WallClock(job["time_s"], job["warmup_frac"], job["min_lr_ratio"], val_loss, job["evals"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, clock.factor)  # bound method: state not pickled
+    out = Path(job["out"]) / job["name"]
+    tc = TrainConfig(max_steps=10**8, lr=job["lr"], optimizer="muon", weight_decay=0.0, out_dir=str(out),
+                     seed=job["seed"], progress=False, resume=False, log_every=100)
+    t_setup = time.time() - t0
+    Trainer(model, tc, lm_loss, get_batch, optimizer=opt, scheduler=sched, callbacks=[clock]).fit()
+    t_train = time.time() - t0 - t_setup
     model = model.float().eval()
-    val = lang.generate(a["val_sequences"], seed=seed + 20_000, return_nll=True)
-    return {"model_type": model_type, "seed": seed, "dir": str(out),
-            "final_val_loss": metrics["final_val_loss"],
-            "losses": rule_losses(model, *val, skip_trigrams=lang.rules.skip_trigrams),
-            "data_s": round(t_data, 1), "train_s": round(time.time() - t0, 1)}
+    tokens, rule, nll = lang.generate(job["val_sequences"], seed=job["seed"] + 20_000, return_nll=True)
+    losses = rule_losses(model, tokens, rule, nll, skip_trigrams=lang.rules.skip_trigrams,
+                         achievable=bayes_nll(lang, tokens))
+    res = {"job": job, "steps": clock.curve[-1]["step"] if clock.curve else 0, "curve": clock.curve,
+           "setup_s": round(t_setup, 1), "train_s": round(t_train, 1), "losses": losses,
+           **fit_summary(losses, job.get("fit_margin", 0.1))}
+    if hasattr(model, "config"):  # a polynomial toy model: the weight-based analysis
+        save_model(model, out, "synthetic", {"steps": res["steps"]})
+        res["recovery"] = rule_recovery(model, lang.rules.to_dict(), max_offset=job["max_offset"])
+    res["analysis_s"] = round(time.time() - t0 - t_setup - t_train, 1)
+    from seqmem_shared.io import atomic_write_json
+
+    atomic_write_json(out / "result.json", res)  # survives a run cut short
+    print(json.dumps({"name": job["name"], "steps": res["steps"], "val": losses["all"],
+                      "gap_to_achievable": res.get("gap_to_achievable")}), flush=True)
+    return res
 
 
-def _weights(directory: str) -> Path:
-    return next(Path(directory).glob("toy_transformer_*.safetensors"))
+def summarize(results: list[dict], calibration_seed: int) -> dict[str, Any]:
+    """Per group: thresholds calibrated on the calibration-language model, applied to the others."""
+    from bilinear_toys.recovery import apply_thresholds, calibrate_thresholds
 
-
-def _fitted(losses: dict, margin: float) -> dict:
-    """Fit criterion: every mechanism's loss (and the total) within ``margin`` nats of its floor."""
-    gaps = {k: v["loss"] - v["floor"] for k, v in losses.items() if " " not in k}
-    return {"gap_to_floor": {k: round(g, 3) for k, g in gaps.items()}, "margin": margin,
-            "fitted": all(g < margin for g in gaps.values() if g == g)}
+    groups: dict[str, Any] = {}
+    for r in results:
+        if "recovery" in r:
+            groups.setdefault(r["job"].get("group", r["job"]["name"]), []).append(r)
+    for members in groups.values():
+        calib = next((r for r in members if r["job"]["seed"] == calibration_seed), None)
+        if calib is None:
+            continue
+        thr = calibrate_thresholds(calib["recovery"])
+        for r in members:
+            r["recovery_calibrated"] = apply_thresholds(r["recovery"], thr)
+    return {"groups": {g: [r["job"]["name"] for r in m] for g, m in groups.items()}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--plan", help="JSON plan (see the module docstring)")
     p.add_argument("--out", default="runs/rule_recovery")
-    p.add_argument("--model_types", nargs="*", default=["attention_only_2L", "transformer_1L"])
-    p.add_argument("--vocab_size", type=int, default=128)
-    p.add_argument("--n_ctx", type=int, default=64)
-    p.add_argument("--d_model", type=int, default=128)
-    p.add_argument("--n_head", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--init", default="unit", choices=["unit", "seed"])
-    p.add_argument("--max_offset", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="evaluation language")
     p.add_argument("--calibration_seed", type=int, default=1)
-    p.add_argument("--val_sequences", type=int, default=2048)
-    p.add_argument("--workers", type=int, default=3, help="data-generation processes per job")
-    p.add_argument("--fit_margin", type=float, default=0.1, help="nats above the floor that count as fitted")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per job (0: leave as is)")
-    p.add_argument("--reuse", action="store_true", help="analyse checkpoints already in --out, if any")
-    p.add_argument("--no_report", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run")
     args = p.parse_args()
     if args.smoke:
-        args.vocab_size, args.n_ctx, args.d_model, args.n_head = 64, 32, 16, 2
-        args.steps, args.batch_size = 5, 4
-        args.val_sequences, args.workers, args.warmup = 16, 0, 1
-    a = vars(args)
-    jobs = [(m, s, a) for m in args.model_types for s in (args.calibration_seed, args.seed)]
+        plan = {"defaults": {"vocab_size": 64, "n_ctx": 32, "d_model": 16, "n_head": 2, "batch_size": 4,
+                             "time_s": 2.0, "pool": 256, "val_sequences": 16, "evals": 2},
+                "jobs": [{"name": "a2_calib", "group": "a2", "model_type": "attention_only_2L", "seed": 1},
+                         {"name": "a2_eval", "group": "a2", "model_type": "attention_only_2L", "seed": 0},
+                         {"name": "ref", "model_type": "softmax_1L", "seed": 0}]}
+    else:
+        plan = json.loads(Path(args.plan).read_text())
+    jobs = [{**DEFAULTS, **plan.get("defaults", {}), **j, "out": args.out} for j in plan["jobs"]]
     t0 = time.time()
     if len(jobs) > 1 and not args.smoke:
-        # executor workers (unlike multiprocessing.Pool's) may start the data-generation processes
-        with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
-            trained = list(pool.map(_train, jobs))
+        with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as ex:
+            results = list(ex.map(run_job, jobs))
     else:
-        trained = [_train(j) for j in jobs]
-    results = {"config": a, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "train_wall_s": round(time.time() - t0, 1), "models": {}}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for model_type in args.model_types:
-        entry = {}
-        for role, seed in (("calibration", args.calibration_seed), ("evaluation", args.seed)):
-            job = next(j for j in trained if j["model_type"] == model_type and j["seed"] == seed)
-            model = load_model(_weights(job["dir"]), map_location=device).float().eval()
-            lang = SyntheticLanguage(vocab_size=args.vocab_size, seq_len=args.n_ctx + 1, seed=seed)
-            rules = lang.rules.to_dict()
-            thresholds = entry["calibration"]["thresholds"] if role == "evaluation" else None
-            rec = rule_recovery(model, rules, max_offset=args.max_offset, thresholds=thresholds)
-            entry[role] = {**job, **_fitted(job["losses"], args.fit_margin), "recovery": rec}
-            if role == "calibration":
-                entry[role]["thresholds"] = calibrate_thresholds(rec)
-            elif not args.no_report:
-                write_report(model, Path(job["dir"]) / "report", rules=rules, max_offset=args.max_offset)
-        results["models"][model_type] = entry
-        ev = entry["evaluation"]
-        print(json.dumps({model_type: {"losses": ev["losses"], "fitted": ev["fitted"],
-                                       **{k: {kk: v[kk] for kk in ("precision", "recall", "recall_at_k")}
-                                          for k, v in ev["recovery"].items() if k != "heads"},
-                                       "heads": {k: ev["recovery"]["heads"][k] for k in ("previous_token",
-                                                                                         "induction")}}}),
-              flush=True)
-    atomic_write_json(Path(args.out) / "rule_recovery.json", results)
+        results = [run_job(j) for j in jobs]
+    from seqmem_shared.io import atomic_write_json
+
+    summary = summarize(results, args.calibration_seed)
+    out = {"plan": plan, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "wall_s": round(time.time() - t0, 1), **summary, "results": results}
+    atomic_write_json(Path(args.out) / "rule_recovery.json", out)
+    print(json.dumps({"wall_s": out["wall_s"], "device": out["device"]}))
 
 
 if __name__ == "__main__":

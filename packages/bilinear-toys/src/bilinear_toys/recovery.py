@@ -60,6 +60,8 @@ def _score(candidates: list[tuple], z: torch.Tensor, planted: set, threshold: fl
             "recall": tp / len(planted) if planted else 0.0, "n_detected": len(detected),
             "n_planted": len(planted), "threshold": threshold, "detected": sorted(detected),
             "recall_at_k": len(top & planted) / max(len(planted), 1),
+            "candidates": [list(c) for c in candidates], "z": [round(float(zi), 4) for zi in z],
+            "planted": sorted(planted),
             "missed": sorted(planted - detected), "false_positives": sorted(detected - planted),
             "z_planted": sorted(round(float(zi), 3) for zi, h in zip(z, hit) if h),
             "z_max_other": round(max(other, default=float("-inf")), 3),
@@ -194,17 +196,48 @@ def head_recovery(model: ToyTransformer, thresholds: dict[str, float] | None = N
     beh = C.head_scores_behaviour(model, half=min(32, (model.config.n_ctx - 1) // 2), relative=True)
     out: dict[str, Any] = {"weights": {"previous_token": prev_w.tolist(), "induction": ind_w.tolist()},
                            "behaviour": {k: v.tolist() for k, v in beh.items()}}
+    out["behaviour_threshold"] = behaviour_threshold
     for kind, w in (("previous_token", prev_w), ("induction", ind_w)):
-        det = {tuple(x) for x in (w > thr[kind]).nonzero().tolist()}
-        ref = {tuple(x) for x in (beh[kind] > behaviour_threshold).nonzero().tolist()}
-        tp = len(det & ref)
-        out[kind] = {"precision": tp / len(det) if det else 0.0, "recall": tp / len(ref) if ref else 0.0,
-                     "n_detected": len(det), "n_reference": len(ref), "threshold": thr[kind],
-                     "z_planted": sorted(float(w[x]) for x in ref),
-                     "z_max_other": max((float(w[l, h]) for l in range(n_l) for h in range(n_h)
-                                         if (l, h) not in ref), default=float("-inf")),
-                     "z_other_top": sorted((float(w[l, h]) for l in range(n_l) for h in range(n_h)
-                                            if (l, h) not in ref), reverse=True)}
+        out[kind] = _score_heads(w, beh[kind] > behaviour_threshold, thr[kind])
+    return out
+
+
+def _score_heads(w: torch.Tensor, is_ref: torch.Tensor, threshold: float) -> dict[str, Any]:
+    """Heads with weight score ``w [L, H] > threshold`` vs the reference heads ``is_ref [L, H]``."""
+    det = {tuple(x) for x in (w > threshold).nonzero().tolist()}
+    ref = {tuple(x) for x in is_ref.nonzero().tolist()}
+    other = sorted(w[~is_ref].tolist(), reverse=True)
+    tp = len(det & ref)
+    return {"precision": tp / len(det) if det else 0.0, "recall": tp / len(ref) if ref else 0.0,
+            "n_detected": len(det), "n_reference": len(ref), "threshold": threshold,
+            "detected": sorted(det), "reference": sorted(ref),
+            "z_planted": sorted(w[is_ref].tolist()),
+            "z_max_other": other[0] if other else float("-inf"), "z_other_top": other}
+
+
+def apply_thresholds(recovery: dict[str, Any], thresholds: dict[str, float]) -> dict[str, Any]:
+    """A :func:`rule_recovery` result re-scored with other ``thresholds`` (e.g. from
+    :func:`calibrate_thresholds` on a calibration model), from the scores it stored: no recomputation."""
+    out = dict(recovery)
+    for key, name in (("bigrams", "bigrams"), ("skip_trigrams", "skip_trigrams"),
+                      ("skip_trigrams_direct_paths", "skip_trigrams")):
+        if key in recovery and name in thresholds:
+            e, thr = recovery[key], thresholds[name]
+            planted = {tuple(x) for x in e["planted"]}
+            det = {tuple(c) for c, z in zip(e["candidates"], e["z"]) if z > thr}
+            tp = len(det & planted)
+            out[key] = {**e, "threshold": thr, "detected": sorted(det), "n_detected": len(det),
+                        "precision": tp / len(det) if det else 0.0,
+                        "recall": tp / len(planted) if planted else 0.0,
+                        "missed": sorted(planted - det), "false_positives": sorted(det - planted)}
+    heads = recovery.get("heads")
+    if heads:
+        out["heads"] = dict(heads)
+        for kind in ("previous_token", "induction"):
+            if kind in thresholds:
+                ref = torch.tensor(heads["behaviour"][kind]) > heads["behaviour_threshold"]
+                out["heads"][kind] = _score_heads(torch.tensor(heads["weights"][kind]), ref, thresholds[kind])
+    out["thresholds"] = dict(thresholds)
     return out
 
 
@@ -261,18 +294,21 @@ def _f1(cut: float, pos: list[float], neg: list[float]) -> float:
 
 
 @torch.no_grad()
-def rule_losses(model: ToyTransformer, tokens: torch.Tensor, rule: torch.Tensor, nll: torch.Tensor,
-                batch_size: int = 256, skip_trigrams: list | None = None) -> dict[str, dict[str, float]]:
+def rule_losses(model: torch.nn.Module, tokens: torch.Tensor, rule: torch.Tensor, nll: torch.Tensor,
+                batch_size: int = 256, skip_trigrams: list | None = None,
+                achievable: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
     """Model loss vs the generator's loss floor, per mechanism (``RULE_NAMES``) and in total.
 
     tokens, rule, nll [N, T] from ``SyntheticLanguage.generate(n, return_nll=True)``; position ``t``
     (``t >= 1``) is predicted from ``tokens[:, :t]``. Returns ``{name: {"loss", "floor", "count"}}`` with
     ``"all"`` for every position: rule positions have floor 0, so their loss says whether the rule is learnt.
+    ``achievable`` [N, T] (:func:`bilinear_toys.data.bayes.bayes_nll`) adds ``"achievable"``: the Bayes
+    loss given the tokens, the floor a model can actually reach.
     ``skip_trigrams`` (the planted ``(A, B, C)``) adds one entry ``"skip_trigram A,B,C"`` per rule.
     """
     from bilinear_toys.data.synthetic import RULE_NAMES
 
-    device = model.W_E.device
+    device = next(model.parameters()).device
     losses = []
     for chunk in tokens.split(batch_size):
         logits = model(chunk[:, :-1].to(device)).float()
@@ -288,4 +324,20 @@ def rule_losses(model: ToyTransformer, tokens: torch.Tensor, rule: torch.Tensor,
         if m.any():
             out[name] = {"loss": float(loss[m].mean()), "floor": float(floor[m].mean()),
                          "count": int(m.sum())}
+            if achievable is not None:
+                out[name]["achievable"] = float(achievable[:, 1:][m].mean())
+    return out
+
+
+def fit_summary(losses: dict[str, dict[str, float]], margin: float = 0.1) -> dict[str, Any]:
+    """Per mechanism (and ``"all"``) the gap to the generator's floor and to the achievable (Bayes)
+    loss; ``fitted``: every mechanism within ``margin`` nats of its achievable loss."""
+    names = [k for k in losses if " " not in k]
+    gap_floor = {k: round(losses[k]["loss"] - losses[k]["floor"], 4) for k in names}
+    out: dict[str, Any] = {"gap_to_floor": gap_floor, "margin": margin}
+    if all("achievable" in losses[k] for k in names):
+        gap = {k: round(losses[k]["loss"] - losses[k]["achievable"], 4) for k in names}
+        out["gap_to_achievable"] = gap
+        out["not_fitted"] = sorted(k for k, g in gap.items() if not g < margin)
+        out["fitted"] = not out["not_fitted"]
     return out

@@ -96,6 +96,7 @@ def previous_token_score_weights(model: ToyTransformer, layer: int, head: int, m
     return float(prof[1] / prof.sum().clamp_min(1e-30))
 
 
+@torch.no_grad()  # the decorator, not a with-block: a suspended generator would leak no_grad
 def full_circuit_slices(model: ToyTransformer, heads: Iterable[int] | None = None, offsets: Offsets = None,
                         dst_chunk: int = 64, layer: int = 0, include_mlp: bool = False,
                         context: Iterable[int] = ()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -119,27 +120,26 @@ def full_circuit_slices(model: ToyTransformer, heads: Iterable[int] | None = Non
     qtn = quimb_tensor()
     heads = list(range(model.config.n_head)) if heads is None else list(heads)
     mlp = model.blocks[layer].mlp if include_mlp else None
-    with torch.no_grad():
-        patterns = torch.stack([qk_pattern(model, layer, h, offsets) for h in heads])  # [H, V, V]
-        w_v, w_o = model.W_V[layer, heads], model.W_O[layer, heads]
-        fixed = [qtn.Tensor(model.W_E, inds=("src", "a")), qtn.Tensor(w_v, inds=("h", "a", "e")),
-                 qtn.Tensor(w_o, inds=("h", "e", "d")), qtn.Tensor(model.W_U, inds=("d", "out"))]
+    patterns = torch.stack([qk_pattern(model, layer, h, offsets) for h in heads])  # [H, V, V]
+    w_v, w_o = model.W_V[layer, heads], model.W_O[layer, heads]
+    fixed = [qtn.Tensor(model.W_E, inds=("src", "a")), qtn.Tensor(w_v, inds=("h", "a", "e")),
+             qtn.Tensor(w_o, inds=("h", "e", "d")), qtn.Tensor(model.W_U, inds=("d", "out"))]
+    if mlp is not None:
+        e_ov = torch.einsum("va,hae,hed->hvd", model.W_E, w_v, w_o)  # [H, V, d]
+        self_p = torch.stack([qk_circuit(model, layer, h, 0).diagonal().square() for h in heads])
+        resid = model.W_E + torch.einsum("hv,hvd->vd", self_p, e_ov)  # [V, d]
+        for c in context:
+            resid = resid + torch.einsum("hv,hd->vd", patterns[:, :, c], e_ov[:, c])
+    v = model.config.vocab_size
+    for start in range(0, v, dst_chunk):
+        ids = torch.arange(start, min(start + dst_chunk, v), device=patterns.device)
+        tn = qtn.TensorNetwork([qtn.Tensor(patterns[:, ids], inds=("h", "dst", "src")), *fixed])
+        out = tn.contract(output_inds=("dst", "src", "out"), optimize="greedy").data
         if mlp is not None:
-            e_ov = torch.einsum("va,hae,hed->hvd", model.W_E, w_v, w_o)  # [H, V, d]
-            self_p = torch.stack([qk_circuit(model, layer, h, 0).diagonal().square() for h in heads])
-            resid = model.W_E + torch.einsum("hv,hvd->vd", self_p, e_ov)  # [V, d]
-            for c in context:
-                resid = resid + torch.einsum("hv,hd->vd", patterns[:, :, c], e_ov[:, c])
-        v = model.config.vocab_size
-        for start in range(0, v, dst_chunk):
-            ids = torch.arange(start, min(start + dst_chunk, v), device=patterns.device)
-            tn = qtn.TensorNetwork([qtn.Tensor(patterns[:, ids], inds=("h", "dst", "src")), *fixed])
-            out = tn.contract(output_inds=("dst", "src", "out"), optimize="greedy").data
-            if mlp is not None:
-                a = torch.einsum("hns,hsd->nsd", patterns[:, ids], e_ov)  # [n, V(src), d]
-                r = resid[ids][:, None]
-                out = out + (mlp(r + a) - mlp(r)) @ model.W_U
-            yield ids, out
+            a = torch.einsum("hns,hsd->nsd", patterns[:, ids], e_ov)  # [n, V(src), d]
+            r = resid[ids][:, None]
+            out = out + (mlp(r + a) - mlp(r)) @ model.W_U
+        yield ids, out
 
 
 def top_skip_trigrams(model: ToyTransformer, k: int = 100, offsets: Offsets = None, center: bool = True,

@@ -203,6 +203,76 @@ class SyntheticLanguage:
             parts = [self._chunk(job) for job in jobs]
         return torch.cat(parts) if parts else torch.empty(0, self.seq_len, dtype=torch.long)
 
+    def sample(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens [n, seq_len], rule [n, seq_len])`` from the same distribution as :meth:`generate`,
+        drawn for all ``n`` sequences at once with numpy (another random stream: not the same sequences).
+        About 1 s per 10^5 sequences of 64 tokens, against ~30 s for the per-sequence generator."""
+        r, (lo, hi), t_max = self.rules, self.span_len, self.seq_len
+        v = self.vocab_size
+        rng = np.random.default_rng((self.seed, 2000 + seed))
+        bigram = np.full(v, -1)
+        trig_a, trig_c = np.full(v, -1), np.full(v, -1)
+        closer = np.zeros(v, dtype=np.int64)
+        for a, b in r.bigrams:
+            bigram[a] = b
+        for a, b, c in r.skip_trigrams:
+            trig_a[b], trig_c[b] = a, c
+        for o, c in r.brackets:
+            closer[o] = c
+        groups = [np.array(g, dtype=np.int64) for g in ([o for o, _ in r.brackets],
+                  [a for a, _, _ in r.skip_trigrams], [b for _, b, _ in r.skip_trigrams],
+                  [a for a, _ in r.bigrams], r.fillers)]
+        cum = np.cumsum([self.p_copy, self.p_bracket, self.p_skip_a, self.p_skip_b, self.p_bigram])
+        seq = np.zeros((n, t_max), dtype=np.int64)
+        lab = np.zeros((n, t_max), dtype=np.int64)
+        seen = np.zeros((n, v), dtype=bool)
+        seen[:, BOS] = True
+        stack = np.zeros((n, t_max), dtype=np.int64)
+        depth = np.zeros(n, dtype=np.int64)
+        ptr, rem = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        rows = np.arange(n)
+        for t in range(1, t_max):
+            cur, nxt, label = seq[:, t - 1], np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+            copying = rem > 0
+            nxt[copying], label[copying] = seq[rows[copying], ptr[copying]], INDUCTION
+            ptr[copying] += 1
+            rem[copying] -= 1
+            big = ~copying & (bigram[cur] >= 0)
+            nxt[big], label[big] = bigram[cur[big]], BIGRAM
+            has_a = trig_a[cur] >= 0
+            tri = ~copying & ~big & has_a & seen[rows, np.where(has_a, trig_a[cur], 0)]
+            nxt[tri], label[tri] = trig_c[cur[tri]], SKIP_TRIGRAM
+            rnd = ~(copying | big | tri)
+            u, u2, u3 = rng.random(n), rng.random(n), rng.random(n)
+            start_copy = rnd & (u < cum[0]) & (t >= 2 * hi)
+            if start_copy.any():
+                idx = rows[start_copy]
+                span = rng.integers(lo, hi + 1, size=len(idx))
+                first = 1 + (u2[idx] * (t - span)).astype(np.int64)
+                nxt[idx], ptr[idx], rem[idx] = seq[idx, first], first + 1, span - 1
+            kind = np.searchsorted(cum, u, side="right")  # 0 copy, 1 bracket, 2 A, 3 B, 4 source, 5 filler
+            kind[kind == 0] = 5  # a copy that could not start yet: filler
+            for g, toks in zip(range(1, 6), groups):
+                sel = rnd & ~start_copy & (kind == g)
+                if not len(toks):  # an empty group's mass goes to the fillers (processed last)
+                    kind[kind == g] = 5
+                    continue
+                if g == 1:
+                    close = sel & (depth > 0) & (u2 < 0.5)
+                    if close.any():
+                        nxt[close] = closer[stack[rows[close], depth[close] - 1]]
+                        label[close] = BRACKET
+                        depth[close] -= 1
+                    sel = sel & ~close
+                    nxt[sel] = toks[(u3[sel] * len(toks)).astype(np.int64)]
+                    stack[rows[sel], depth[sel]] = nxt[sel]
+                    depth[sel] += 1
+                else:
+                    nxt[sel] = toks[(u3[sel] * len(toks)).astype(np.int64)]
+            seq[:, t], lab[:, t] = nxt, label
+            seen[rows, nxt] = True
+        return torch.from_numpy(seq), torch.from_numpy(lab)
+
     def _chunk(self, job: tuple[tuple[int, ...], int]) -> torch.Tensor:
         rng = np.random.default_rng(job[0])
         return torch.tensor([self._sequence(rng)[0] for _ in range(job[1])])
