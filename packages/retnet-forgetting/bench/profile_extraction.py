@@ -1,10 +1,11 @@
 """Where extraction time goes: per-stage CUDA-event timings of one retnet-2.7B layer, the in-chunk
 correction's tile sweep, and a torch.profiler table of whole extractions (random weights, bf16, batch 1).
 
-Stages (ms per layer): ``norm_qkv`` (attn_norm, q/k/v projections, RoPE), ``chunk_fwd_h`` (bf16 and fp32
-states), ``chunk_fwd_o``, fla's whole ``chunk_retention``, ``attn_out`` (gate, norm, o_proj), ``mlp``
-(mlp_norm + MLP), fla's whole layer, and the correction for K positions (``fast`` and ``ieee``). Prints
-JSON; ``--trace`` adds the profiler's top kernels. Needs CUDA and fla.
+Stages (ms per layer): ``norm_qkv`` (attn_norm, q/k/v projections, RoPE), ``chunk_fwd_h`` (bf16 states,
+as fla's forward keeps them), ``chunk_fwd_o``, fla's whole ``chunk_retention``, ``attn_out`` (gate, norm,
+o_proj), ``mlp`` (mlp_norm + MLP), fla's whole layer, and the correction for K positions (``fast`` and
+``ieee``), plus a tile sweep of the correction at the first length. Prints JSON (each length's stages to
+stderr as they finish); ``--trace`` adds the profiler's top kernels. Needs CUDA and fla.
 
     python packages/retnet-forgetting/bench/profile_extraction.py [--lengths 2048 8192] [--trace]
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from seqmem_shared.benchmarking import environment, measure, print_json
 
-TILES = [(64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8), (64, 256, 8)]
+TILES = [(64, 64, 4), (64, 64, 8), (32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (64, 256, 8)]
 
 
 def _ms(fn, reps: int = 20) -> float:
@@ -26,7 +27,7 @@ def _ms(fn, reps: int = 20) -> float:
 
 
 @torch.inference_mode()
-def layer_stages(model, T: int, ks: list[int]) -> dict:
+def layer_stages(model, T: int, ks: list[int], sweep: bool) -> dict:
     from bench_extraction import positions_for
     from fla.ops.retention import chunk_retention
     from retnet_forgetting.ops.retention import chunk_output, chunk_states, retention_log_decay
@@ -38,13 +39,11 @@ def layer_stages(model, T: int, ks: list[int]) -> dict:
     normed = block.attn_norm(x)
     q, k, v = retention_qkv(block.attn, normed)
     h16 = chunk_states(k, v, fp32_states=False)
-    h32 = chunk_states(k, v)
     o = chunk_output(q, k, v, h16)
     log_g = retention_log_decay(k.shape[2], "cuda")
     out = {
         "norm_qkv": _ms(lambda: retention_qkv(block.attn, block.attn_norm(x))),
-        "chunk_fwd_h_bf16": _ms(lambda: chunk_states(k, v, fp32_states=False)),
-        "chunk_fwd_h_fp32": _ms(lambda: chunk_states(k, v)),
+        "chunk_fwd_h": _ms(lambda: chunk_states(k, v, fp32_states=False)),
         "chunk_fwd_o": _ms(lambda: chunk_output(q, k, v, h16)),
         "fla_chunk_retention": _ms(lambda: chunk_retention(q, k, v)),
         "attn_out": _ms(lambda: retention_output(block.attn, o, normed)),
@@ -53,17 +52,19 @@ def layer_stages(model, T: int, ks: list[int]) -> dict:
     }
     for K in ks:
         pos = positions_for(T, K).cuda()[None]
-        for name, h, prec in (("fast", h16, "fast"), ("fast_h32", h32, "fast"), ("ieee", h32, "ieee")):
-            out[f"correction_K{K}_{name}"] = _ms(lambda h=h, prec=prec, pos=pos: states_at_positions_triton(
-                k, v, pos, h, log_g, 64, torch.bfloat16, prec), reps=10)
+        for prec in ("fast", "ieee"):
+            out[f"correction_K{K}_{prec}"] = _ms(lambda prec=prec, pos=pos: states_at_positions_triton(
+                k, v, pos, h16, log_g, 64, torch.bfloat16, prec), reps=10)
+    if not sweep:
+        return out
     pos = positions_for(T, max(ks)).cuda()[None]
-    sweep = {}
+    tiles = {}
     for bk, bv, warps in TILES:
         ms = _ms(lambda bk=bk, bv=bv, warps=warps: states_at_positions_triton(
             k, v, pos, h16, log_g, 64, torch.bfloat16, "fast", bk, bv, warps), reps=10)
         written = pos.numel() * k.shape[2] * k.shape[3] * v.shape[3] * 2
-        sweep[f"BK{bk}_BV{bv}_w{warps}"] = {"ms": ms, "write_GBps": round(written / ms / 1e6)}
-    out[f"tile_sweep_K{max(ks)}"] = sweep
+        tiles[f"BK{bk}_BV{bv}_w{warps}"] = {"ms": ms, "write_GBps": round(written / ms / 1e6)}
+    out[f"tile_sweep_K{max(ks)}"] = tiles
     return out
 
 
@@ -97,7 +98,10 @@ def main() -> None:
     torch.manual_seed(0)
     model, _ = load_retnet_model(RetNetConfig(**arch), device="cuda", dtype=torch.bfloat16,
                                  implementation="fla")
-    stages = {str(T): layer_stages(model, T, args.ks) for T in args.lengths}
+    stages = {}
+    for i, T in enumerate(args.lengths):
+        stages[str(T)] = layer_stages(model, T, args.ks, sweep=i == 0)
+        print(T, stages[str(T)], file=sys.stderr, flush=True)
     if args.trace:
         extractor = RetNetStateExtractor(model, state_dtype=torch.bfloat16)
         for T in args.lengths:
