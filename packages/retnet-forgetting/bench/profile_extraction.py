@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from seqmem_shared.benchmarking import environment, measure, print_json
 
-TILES = [(64, 64, 4), (64, 64, 8), (32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (64, 256, 8)]
+TILES = [(64, 64, 4, 1), (64, 64, 8, 1), (32, 128, 4, 1), (64, 128, 4, 1), (64, 128, 8, 1), (128, 128, 8, 1),
+         (64, 256, 8, 1), (64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 4)]  # BK, BV, warps, positions
 
 
 def _ms(fn, reps: int = 20) -> float:
@@ -59,11 +60,11 @@ def layer_stages(model, T: int, ks: list[int], sweep: bool) -> dict:
         return out
     pos = positions_for(T, max(ks)).cuda()[None]
     tiles = {}
-    for bk, bv, warps in TILES:
-        ms = _ms(lambda bk=bk, bv=bv, warps=warps: states_at_positions_triton(
-            k, v, pos, h16, log_g, 64, torch.bfloat16, "fast", bk, bv, warps), reps=10)
+    for bk, bv, warps, bp in TILES:
+        ms = _ms(lambda bk=bk, bv=bv, warps=warps, bp=bp: states_at_positions_triton(
+            k, v, pos, h16, log_g, 64, torch.bfloat16, "fast", bk, bv, warps, bp), reps=10)
         written = pos.numel() * k.shape[2] * k.shape[3] * v.shape[3] * 2
-        tiles[f"BK{bk}_BV{bv}_w{warps}"] = {"ms": ms, "write_GBps": round(written / ms / 1e6)}
+        tiles[f"BK{bk}_BV{bv}_w{warps}_P{bp}"] = {"ms": ms, "write_GBps": round(written / ms / 1e6)}
     out[f"tile_sweep_K{max(ks)}"] = tiles
     return out
 

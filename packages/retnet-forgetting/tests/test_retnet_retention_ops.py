@@ -130,9 +130,15 @@ def test_triton_in_chunk_correction_matches_reference(dtype):
     ref = states_at_positions(k, v, positions, chunk_size=16, backend="torch")
     got = states_at_positions(k, v, positions, chunk_size=16, backend="triton", precision="ieee")
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    if dtype == torch.float32:  # "auto" is IEEE for fp32 inputs
+    if dtype == torch.float32:  # "auto" is IEEE for fp32 inputs; several positions per program
+        from retnet_forgetting.ops.retention.triton_states import states_at_positions_triton
+
         auto = states_at_positions(k, v, positions, chunk_size=16, backend="triton")
         torch.testing.assert_close(auto, ref, atol=1e-4, rtol=1e-4)
+        log_g = retention_log_decay(2, k.device)
+        grouped = states_at_positions_triton(k, v, positions.to(k.device), chunk_states(k, v, 16), log_g, 16,
+                                             block_p=3)  # 8 positions: the last group is partial
+        torch.testing.assert_close(grouped, ref, atol=1e-4, rtol=1e-4)
         return
     h16 = chunk_states(k, v, 16, fp32_states=False)
     for h in (None, h16):
