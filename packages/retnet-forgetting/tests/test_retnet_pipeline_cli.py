@@ -141,3 +141,18 @@ def test_train_tiny_time_limit_and_bad_value(tmp_path):
     cfg["train"]["time_limit_s"] = 0
     with pytest.raises(ValueError, match="time_limit_s"):
         train_tiny(cfg)
+
+
+def test_cli_set_overrides():
+    import pytest
+    from retnet_forgetting.cli import apply_overrides
+
+    cfg = merge_config({"model": {"name_or_path": "a"}})
+    sets = ["model.name_or_path=/x/model", "dataset.lags=[16, 64]", "probes.logistic.max_steps=7"]
+    apply_overrides(cfg, sets)
+    assert cfg["model"]["name_or_path"] == "/x/model" and cfg["dataset"]["lags"] == [16, 64]
+    assert cfg["probes"]["logistic"]["max_steps"] == 7
+    bad_sets = (("modle.x=1", "unknown key"), ("model.name_or_path.x=1", "not a mapping"), ("model", "="))
+    for bad, match in bad_sets:
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(cfg, [bad])

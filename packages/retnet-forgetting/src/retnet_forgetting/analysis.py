@@ -115,8 +115,8 @@ def _heatmaps(heads, probe: str, out_dir: Path, chance: float) -> Path:
     grids = [heads[heads["lag"] == lag].pivot_table(index="layer", columns="head", values="accuracy")
              for lag in lags]
     rows, cols = grids[0].shape
-    fig, axes = plt.subplots(1, len(lags), figsize=(0.8 + len(lags) * (0.5 + 0.28 * cols), 1.4 + 0.3 * rows),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(lags), figsize=(1.2 + len(lags) * (0.4 + 0.25 * cols), 1.5 + 0.3 * rows),
+                             squeeze=False, sharey=True, layout="constrained")
     for ax, lag, grid in zip(axes[0], lags, grids):
         im = ax.imshow(grid.to_numpy(), aspect="auto", vmin=chance, vmax=1, cmap="viridis")
         ax.set_title(f"lag {int(lag)}", fontsize=8)
@@ -125,7 +125,7 @@ def _heatmaps(heads, probe: str, out_dir: Path, chance: float) -> Path:
         ax.set_xlabel("head", fontsize=7)
     axes[0][0].set_ylabel("layer", fontsize=7)
     fig.suptitle(f"{probe}: accuracy per layer and head", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02, pad=0.01)
     path = out_dir / f"heatmap_{probe}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -149,7 +149,8 @@ def plot_summary(curves, half_lives, out_dir: str | Path, chance: float) -> list
         for (probe, layer), g in whole.groupby(["probe", "layer"]):
             g = g.sort_values("lag")
             own = probe == "model_answer"
-            ax.plot(g["lag"], g["accuracy"], marker="o", lw=2.5 if own else 1, color="black" if own else None,
+            ax.plot(g["lag"], g["accuracy"], marker="o", lw=2.5 if own else 1,
+                    color="black" if own else f"C{int(layer) % 10}",
                     ls="-" if own or probe.startswith("ridge") else "--",
                     label="model's own answer" if own else f"{probe}, layer {layer}")
         ax.axhline(chance, color="gray", lw=0.8)

@@ -9,6 +9,30 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
+
+SET_HELP = "override one entry, e.g. --set model.name_or_path=DIR --set train.max_steps=500 (YAML values)"
+
+
+def apply_overrides(cfg: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """``cfg`` with each ``"section.key=value"`` of ``items`` set (``value`` parsed as YAML); a top-level
+    key must exist, and every dotted prefix must name a mapping."""
+    import yaml
+
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        if parts[0] not in cfg:
+            raise ValueError(f"--set {item!r}: unknown key {parts[0]!r}; expected one of {sorted(cfg)}")
+        node = cfg
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a mapping in the config")
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(text)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="dataset -> state extraction -> probes -> analysis (resumable)")
     run.add_argument("--config", required=True, help="YAML file (see configs/quick.yaml)")
     run.add_argument("--out-dir", help="override out_dir of the config")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     tiny = sub.add_parser("train-tiny", help="train a small RetNet on recall data plus filler")
     tiny.add_argument("--config", help="YAML file with a train_tiny section (see configs/train_tiny.yaml)")
     tiny.add_argument("--out-dir", help="override out_dir")
     tiny.add_argument("--max-steps", type=int, help="override train.max_steps")
+    tiny.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -28,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from retnet_forgetting.pipeline import load_config
         from retnet_forgetting.pipeline import run as run_pipeline
 
-        cfg = load_config(args.config)
+        cfg = apply_overrides(load_config(args.config), args.set)
         if args.out_dir:
             cfg["out_dir"] = args.out_dir
         report = run_pipeline(cfg)
@@ -37,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from retnet_forgetting.train import load_train_config, train_tiny
 
-    cfg = load_train_config(args.config)
+    cfg = apply_overrides(load_train_config(args.config), args.set)
     if args.out_dir:
         cfg["out_dir"] = args.out_dir
     if args.max_steps:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from retnet_forgetting.data.recall import RecallConfig, generate_recall_dataset
-from retnet_forgetting.loading import load_retnet_model
+from retnet_forgetting.loading import get_model_config, load_retnet_model
 from retnet_forgetting.reference import RetNetConfig
 
 log = logging.getLogger("seqmem.retnet")
@@ -175,7 +175,7 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
                                  implementation=cfg["implementation"], tokenizer=False)
     model.train()
     log.info("train-tiny: %s RetNet, %d layers x %d heads, %.2fM parameters on %s",
-             type(model).__module__.split(".")[0], model_cfg.num_hidden_layers, model_cfg.num_heads,
+             get_model_config(model)["implementation"], model_cfg.num_hidden_layers, model_cfg.num_heads,
              sum(p.numel() for p in model.parameters()) / 1e6, next(model.parameters()).device)
     started = time.perf_counter()
     df = generate_recall_dataset(RecallConfig(**cfg["dataset"]), tokenizer)
@@ -206,7 +206,7 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
     summary = {"metrics": metrics, "steps": trainer.step, "wall_s": round(time.perf_counter() - started, 1),
                "train_s": round(trainer._elapsed, 1),
                "num_parameters": sum(p.numel() for p in model.parameters()),
-               "implementation": type(model).__module__.split(".")[0],
+               "implementation": get_model_config(model)["implementation"],
                "device": str(next(model.parameters()).device),
                "config": cfg}
     atomic_write_json(out / "train_summary.json", summary)
