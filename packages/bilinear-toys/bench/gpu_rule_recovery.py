@@ -134,7 +134,7 @@ def run_job(job: dict) -> dict:
                          achievable=bayes_nll(lang, tokens))
     res = {"job": job, "steps": clock.curve[-1]["step"] if clock.curve else 0, "curve": clock.curve,
            "setup_s": round(t_setup, 1), "train_s": round(t_train, 1), "losses": losses,
-           **fit_summary(losses, job.get("fit_margin", 0.1))}
+           **fit_summary(losses, job.get("fit_margin", 0.1)), "plateau": plateau(clock.curve)}
     if hasattr(model, "config"):  # a polynomial toy model: the weight-based analysis
         save_model(model, out, "synthetic", {"steps": res["steps"]})
         res["recovery"] = rule_recovery(model, lang.rules.to_dict(), max_offset=job["max_offset"])
@@ -145,6 +145,17 @@ def run_job(job: dict) -> dict:
     print(json.dumps({"name": job["name"], "steps": res["steps"], "val": losses["all"],
                       "gap_to_achievable": res.get("gap_to_achievable")}), flush=True)
     return res
+
+
+def plateau(curve: list[dict], window: float = 0.3, tol: float = 0.02) -> dict[str, Any]:
+    """Whether the validation loss improved by less than ``tol`` nats over the last ``window`` of the
+    training time (the curve of :class:`WallClock`)."""
+    if len(curve) < 2:
+        return {"plateaued": False, "improvement": None}
+    end = curve[-1]
+    ref = min(curve, key=lambda c: abs(c["time_frac"] - (end["time_frac"] - window)))
+    gain = ref["val_loss"] - end["val_loss"]
+    return {"plateaued": gain < tol, "improvement": round(gain, 4), "window": window, "tol": tol}
 
 
 def summarize(results: list[dict], calibration_seed: int) -> dict[str, Any]:

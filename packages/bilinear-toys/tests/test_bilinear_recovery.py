@@ -89,7 +89,11 @@ def test_calibrated_thresholds_separate_or_maximize_f1():
     assert calibrate_thresholds(rec)["bigrams"] == 14.0  # it does not: midpoint between 20 and 8
     assert 3.0 < thr["skip_trigrams"] < 8.0            # overlap: keeping all 3 planted (1 FP) beats F1 of 2/3
     assert thr["previous_token"] == DEFAULT_THRESHOLDS["previous_token"]  # nothing planted to calibrate on
-    assert thr["induction"] == 0.15
+    assert thr["induction"] == 0.15  # the default 0.3 does not separate 0.3: midpoint with nothing
+    rec["heads"]["induction"] = {"z_planted": [0.5, 0.9], "z_max_other": 0.1, "z_other_top": [0.1]}
+    assert calibrate_thresholds(rec)["induction"] == DEFAULT_THRESHOLDS["induction"]  # checked, kept
+    rec["heads"]["induction"]["z_other_top"] = [0.4, 0.1]
+    assert calibrate_thresholds(rec)["induction"] == 0.45  # disproved: the midpoint
 
 
 def test_rule_losses_against_the_generator_floor():

@@ -9,7 +9,10 @@ from :mod:`bilinear_toys.circuits`.
 the (A, C) pair for skip-trigrams) and gives it a robust z-score against the strongest candidates of all
 current tokens: ``z = (score - median) / (1.4826 MAD)``. Most current tokens carry no rule, so they form
 the null distribution; a candidate is *detected* when ``z > 6`` (a priori). Heads are detected when
-their weight score exceeds a threshold. Thresholds are checked or chosen on a model trained on a
+their weight score exceeds a threshold: previous-token heads by the lift of their positional profile at
+offset 1 over uniform (``(max_offset + 1) *`` the share at offset 1; threshold 3, like the behaviour
+reference), induction heads by :func:`~bilinear_toys.circuits.induction_scores_weights` (threshold
+0.3). Thresholds are checked or chosen on a model trained on a
 different language (another seed: other rule tokens) by :func:`calibrate_thresholds` and then applied
 unchanged to the evaluated model; without calibration the defaults of :data:`DEFAULT_THRESHOLDS` hold.
 ``recall_at_k`` ranks every candidate and takes the top ``k = #planted`` (threshold-free).
@@ -25,7 +28,9 @@ import torch
 from bilinear_toys import circuits as C
 from bilinear_toys.models import ToyTransformer
 
-DEFAULT_THRESHOLDS = {"bigrams": 6.0, "skip_trigrams": 6.0, "previous_token": 0.5, "induction": 0.2}
+# heads: previous-token lift over uniform (as the behaviour reference's 3x), induction match x copying
+# (chosen on calibration-language models, 2026-12-03; see docs/bilinear-toys.md)
+DEFAULT_THRESHOLDS = {"bigrams": 6.0, "skip_trigrams": 6.0, "previous_token": 3.0, "induction": 0.3}
 
 
 def extended_direct_path(model: ToyTransformer, prefix: tuple[int, ...] = ()) -> torch.Tensor:
@@ -191,7 +196,7 @@ def head_recovery(model: ToyTransformer, thresholds: dict[str, float] | None = N
     thr = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     n_l, n_h = model.config.n_layers, model.config.n_head
     prev_w = torch.tensor([[C.previous_token_score_weights(model, l, h, max_offset) for h in range(n_h)]
-                           for l in range(n_l)])
+                           for l in range(n_l)]) * (max_offset + 1)  # lift over uniform
     ind_w = C.induction_scores_weights(model, max_offset) if n_l > 1 else torch.zeros(n_l, n_h)
     beh = C.head_scores_behaviour(model, half=min(32, (model.config.n_ctx - 1) // 2), relative=True)
     out: dict[str, Any] = {"weights": {"previous_token": prev_w.tolist(), "induction": ind_w.tolist()},
@@ -260,12 +265,11 @@ def calibrate_thresholds(recovery: dict[str, Any]) -> dict[str, float]:
     """Thresholds from a :func:`rule_recovery` of a *calibration* model (another language seed); apply
     them to a different model.
 
-    Bigrams and skip-trigrams are robust z-scores against the null of the unplanted current tokens, so
-    their a-priori threshold (6 MADs) stands whenever it separates the calibration model's planted
-    candidates (``z_planted``) from the others; the head scores have no null, so theirs is the midpoint
-    between the weakest planted and the strongest other head. Where the calibration model does not
-    separate, the cut (midpoint between adjacent scores) with the best F1; the default when it has no
-    planted candidate.
+    Every default threshold (:data:`DEFAULT_THRESHOLDS`) stands whenever it separates the calibration
+    model's planted candidates or reference heads (``z_planted``) from the others: a calibration model
+    only *checks* it. Where the default does not separate but some cut does, the midpoint between the
+    weakest planted and the strongest other; where none does, the cut (midpoint between adjacent scores)
+    with the best F1; the default when there is nothing planted.
     """
     out = dict(DEFAULT_THRESHOLDS)
     heads = recovery.get("heads", {})
@@ -277,7 +281,7 @@ def calibrate_thresholds(recovery: dict[str, Any]) -> dict[str, float]:
         pos = e["z_planted"]
         neg = e.get("z_other_top", [e["z_max_other"]] if e["z_max_other"] > float("-inf") else [])
         separated = not neg or min(pos) > max(neg)
-        if separated and name in ("bigrams", "skip_trigrams") and min(pos) > out[name] >= max(neg, default=0):
+        if separated and min(pos) > out[name] >= max(neg, default=float("-inf")):
             continue
         if separated:
             out[name] = (min(pos) + max(neg)) / 2 if neg else min(pos) / 2

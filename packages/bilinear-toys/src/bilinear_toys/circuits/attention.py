@@ -202,35 +202,36 @@ def composition_scores(model: ToyTransformer, kind: str) -> torch.Tensor:
 
 
 def induction_scores_weights(model: ToyTransformer, max_offset: int = 16) -> torch.Tensor:
-    """[L, H]: weight-only induction score of each head in layers >= 1.
+    """[L, H]: weight-only induction score of each head in layers >= 1: ``match(h) * max(0, copy(h))``.
 
-    For head (l, h) and every earlier head (l0, h0): ``prev(h0) * match(h0 -> h) * max(0, copy(h))`` where
-    ``prev`` is :func:`previous_token_score_weights`, ``match`` the fraction of query tokens whose
-    largest K-composed pattern ``mean_delta (x W_Q R(-delta) W_K^T (W_E OV_h0)^T y)^2`` (averaged over key
-    offsets 1..max_offset: induction targets earlier occurrences at any distance, and RoPE rotates the
-    score with the offset) is at ``y = x`` (the query matches the token *before* the key), ``copy`` the
-    :func:`copying_score`. Maximized over earlier heads.
+    The key of position ``j`` seen by head ``(l, h)`` is ``(e(y_j) + p(y_{j-1})) W_K`` where ``p(y) =
+    sum_{l0 < l, h0} w_{l0,h0} e(y) OV_{l0,h0}`` is what the earlier heads write about the previous
+    token, each weighted by its mean pattern at offset 1 (``positional_profile[1]``: previous-token heads
+    dominate; no single head is singled out, since the key reads their sum). The score is squared, so
+    with ``a = q(x)·e(y_j)W_K`` and ``b = q(x)·p(y_{j-1})W_K`` (RoPE offsets 1..max_offset, averaged)
+    the pattern is ``(a + b)^2``; its mean over the key's own token ``y_j`` is ``b^2 + 2 ā(x) b + const``.
+    ``match`` is the fraction of query tokens ``x`` for which that is largest at ``y_{j-1} = x`` (the
+    query matches the token *before* the key; chance 1/V); ``copy`` is :func:`copying_score`. The cross
+    term ``2 ā b`` matters: heads with a large direct key term match linearly through it.
     """
     require_polynomial(model, "induction_scores_weights")
-    n_l, n_h = model.config.n_layers, model.config.n_head
+    n_l, n_h, dh = model.config.n_layers, model.config.n_head, model.config.d_head
     out = torch.zeros(n_l, n_h)
     with torch.no_grad():
-        prev = torch.tensor([[previous_token_score_weights(model, l, h, max_offset) for h in range(n_h)]
-                             for l in range(n_l)])
         e = model.W_E
         ar = torch.arange(e.shape[0], device=e.device)
         rot = key_rotation(model, torch.arange(1, max_offset + 1), e)
+        rot = rot if rot.ndim == 3 else rot[None]
         for l in range(1, n_l):
+            prev = sum(positional_profile(model, l0, h0, 1)[1].to(e) * (e @ model.OV[l0, h0])
+                       for l0 in range(l) for h0 in range(n_h))
             for h in range(n_h):
-                copy = max(0.0, copying_score(model, l, h))
                 q = e @ model.W_Q[l, h]
-                for l0 in range(l):
-                    for h0 in range(n_h):
-                        k = (e @ model.OV[l0, h0]) @ model.W_K[l, h]
-                        s = torch.einsum("xa,oab,yb->oxy", q, rot, k).square().mean(0) if rot.ndim == 3 \
-                            else (q @ rot @ k.T).square()
-                        match = float((s.argmax(-1) == ar).float().mean())
-                        out[l, h] = max(out[l, h], float(prev[l0, h0]) * match * copy)
+                b = torch.einsum("xa,oab,yb->oxy", q, rot, prev @ model.W_K[l, h]) / dh
+                a_mean = torch.einsum("xa,oab,yb->ox", q, rot, e @ model.W_K[l, h])[..., None] / (dh * len(e))
+                s = (b.square() + 2 * a_mean * b).mean(0)
+                match = float((s.argmax(-1) == ar).float().mean())
+                out[l, h] = match * max(0.0, copying_score(model, l, h))
     return out
 
 
