@@ -54,7 +54,7 @@ def test_torchrun_two_cpu_ranks_equal_one_process_and_resume(tmp_path):
     curves_one, curves_two = pd.read_csv(one / "curves.csv"), pd.read_csv(two / "curves.csv")
     pd.testing.assert_frame_equal(curves_two, curves_one)
     assert set(curves_one["probe"]) == {"ridge_head", "ridge_layer", "logistic_head", "logistic_layer",
-                                        "readout_head"}
+                                        "readout_head", "model_answer"}
     pd.testing.assert_frame_equal(pd.read_csv(two / "half_lives.csv"), pd.read_csv(one / "half_lives.csv"))
     store_one, store_two = StateStore(one / "states"), StateStore(two / "states")
     assert len(store_two.manifest["shards"]) == 3 and not store_two.pending()
