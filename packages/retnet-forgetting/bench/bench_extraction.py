@@ -3,7 +3,8 @@
 Random weights with the retnet-2.7B architecture (bf16; all 32 layers unless ``--layers``), batch 1,
 T in {2048, 8192}, K in {1, 16, 256} evenly spaced positions (the last one is T - 1), states returned in
 bf16 (accumulation fp32). Per T, fla's ``RetNetForCausalLM`` forward (``use_cache=False``, logits) and each
-K's ``RetNetStateExtractor.extract_states_at_positions`` (all layers) are warmed up first (fla's Triton
+K's ``RetNetStateExtractor.extract_states_at_positions`` (all layers; also with the other ``--max-groups``,
+positions per program of the correction kernel) are warmed up first (fla's Triton
 autotuning at 2.7B dims takes a while the first time for each shape), then timed with CUDA events (median
 of ``--reps`` calls). Prints one JSON object: tokens/s of both, their ratio (target >= 0.8) and the peak
 CUDA memory of each extraction (model weights included). Needs CUDA and fla.
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the 2.7B model's 32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--max-groups", type=int, nargs="+", default=[8, 1],
+                        help="RetNetStateExtractor(max_group=...) variants; the first is the headline")
     parser.add_argument("--out", default=None, help="also write the JSON here (atomically)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -47,7 +50,9 @@ def main() -> None:
     torch.manual_seed(0)
     model, _ = load_retnet_model(RetNetConfig(**arch), device="cuda", dtype=torch.bfloat16,
                                  implementation="fla")
-    extractor = RetNetStateExtractor(model, state_dtype=torch.bfloat16)
+    extractors = {g: RetNetStateExtractor(model, state_dtype=torch.bfloat16, max_group=g)
+                  for g in args.max_groups}
+    extractor = extractors[args.max_groups[0]]
     results = []
     started = time.perf_counter()
     for T in args.lengths:
@@ -71,6 +76,11 @@ def main() -> None:
                 row.update(extract_ms=round(ms, 3), extract_tok_s=round(T / ms * 1e3),
                            ratio=round(fla_ms / ms, 3), peak_mem_gib=round(peak.peak_bytes / 2**30, 2),
                            states_gib=round(K * arch["num_hidden_layers"] * _state_bytes(arch) / 2**30, 2))
+                for g in args.max_groups[1:] if K > 1 else ():
+                    ex = extractors[g]
+                    other = measure(lambda p=pos, ids=ids, ex=ex: ex.extract_states_at_positions(ids, p),
+                                    warmup=args.warmup, reps=args.reps).median_ms
+                    row[f"max_group_{g}"] = {"extract_ms": round(other, 3), "ratio": round(fla_ms / other, 3)}
             except torch.cuda.OutOfMemoryError as exc:
                 row["error"] = short_error(exc)
             torch.cuda.empty_cache()

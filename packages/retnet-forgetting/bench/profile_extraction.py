@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from seqmem_shared.benchmarking import environment, measure, print_json
 
-TILES = [(64, 64, 4, 1), (64, 64, 8, 1), (32, 128, 4, 1), (64, 128, 4, 1), (64, 128, 8, 1), (128, 128, 8, 1),
-         (64, 256, 8, 1), (64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 4)]  # BK, BV, warps, positions
+TILES = [(64, 64, 4, 1), (64, 128, 4, 1), (128, 128, 8, 1), (64, 64, 4, 8), (64, 128, 4, 8), (64, 64, 8, 8),
+         (128, 64, 4, 8)]  # BK, BV, warps, positions per program (max_group)
 
 
 def _ms(fn, reps: int = 20) -> float:
@@ -32,6 +32,7 @@ def layer_stages(model, T: int, ks: list[int], sweep: bool) -> dict:
     from bench_extraction import positions_for
     from fla.ops.retention import chunk_retention
     from retnet_forgetting.ops.retention import chunk_output, chunk_states, retention_log_decay
+    from retnet_forgetting.ops.retention.positions import position_groups
     from retnet_forgetting.ops.retention.triton_states import states_at_positions_triton
     from retnet_forgetting.reference.layers import retention_output, retention_qkv
 
@@ -52,17 +53,20 @@ def layer_stages(model, T: int, ks: list[int], sweep: bool) -> dict:
         "fla_layer": _ms(lambda: block(x)),
     }
     for K in ks:
-        pos = positions_for(T, K).cuda()[None]
+        host = positions_for(T, K)[None]
+        pos, groups = host.cuda(), position_groups(host, 64, device="cuda")
         for prec in ("fast", "ieee"):
-            out[f"correction_K{K}_{prec}"] = _ms(lambda prec=prec, pos=pos: states_at_positions_triton(
-                k, v, pos, h16, log_g, 64, torch.bfloat16, prec), reps=10)
+            out[f"correction_K{K}_{prec}"] = _ms(lambda prec=prec, pos=pos, groups=groups: (
+                states_at_positions_triton(k, v, pos, h16, log_g, 64, torch.bfloat16, prec, groups)), reps=10)
     if not sweep:
         return out
-    pos = positions_for(T, max(ks)).cuda()[None]
+    host = positions_for(T, max(ks))[None]
+    pos = host.cuda()
     tiles = {}
     for bk, bv, warps, bp in TILES:
-        ms = _ms(lambda bk=bk, bv=bv, warps=warps, bp=bp: states_at_positions_triton(
-            k, v, pos, h16, log_g, 64, torch.bfloat16, "fast", bk, bv, warps, bp), reps=10)
+        groups = position_groups(host, 64, bp, "cuda")
+        ms = _ms(lambda bk=bk, bv=bv, warps=warps, groups=groups: states_at_positions_triton(
+            k, v, pos, h16, log_g, 64, torch.bfloat16, "fast", groups, bk, bv, warps), reps=10)
         written = pos.numel() * k.shape[2] * k.shape[3] * v.shape[3] * 2
         tiles[f"BK{bk}_BV{bv}_w{warps}_P{bp}"] = {"ms": ms, "write_GBps": round(written / ms / 1e6)}
     out[f"tile_sweep_K{max(ks)}"] = tiles

@@ -130,15 +130,21 @@ def test_triton_in_chunk_correction_matches_reference(dtype):
     ref = states_at_positions(k, v, positions, chunk_size=16, backend="torch")
     got = states_at_positions(k, v, positions, chunk_size=16, backend="triton", precision="ieee")
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    if dtype == torch.float32:  # "auto" is IEEE for fp32 inputs; several positions per program
+    if dtype == torch.float32:  # "auto" is IEEE for fp32 inputs; positions grouped by chunk
+        from retnet_forgetting.ops.retention.positions import position_groups
         from retnet_forgetting.ops.retention.triton_states import states_at_positions_triton
 
         auto = states_at_positions(k, v, positions, chunk_size=16, backend="triton")
         torch.testing.assert_close(auto, ref, atol=1e-4, rtol=1e-4)
-        log_g = retention_log_decay(2, k.device)
-        grouped = states_at_positions_triton(k, v, positions.to(k.device), chunk_states(k, v, 16), log_g, 16,
-                                             block_p=3)  # 8 positions: the last group is partial
-        torch.testing.assert_close(grouped, ref, atol=1e-4, rtol=1e-4)
+        # many positions per chunk (more than a group holds), unsorted, repeated, across rows
+        many = torch.tensor([[15, *range(12), 3, 3, 44, 40, 16],
+                             [44, 0, 1, 2, 31, 30, 29, 28, 17, 16, 5, 4, 3, 2, 2, 1, 0, 33]])
+        groups = position_groups(many, 16, max_group=4, device=k.device)
+        assert int(groups.count.max()) <= 4 and int(groups.count.sum()) == many.numel()
+        grouped = states_at_positions_triton(k, v, many.to(k.device), chunk_states(k, v, 16),
+                                             retention_log_decay(2, k.device), 16, groups=groups)
+        want = states_at_positions(k, v, many, chunk_size=16, backend="torch")
+        torch.testing.assert_close(grouped, want, atol=1e-4, rtol=1e-4)
         return
     h16 = chunk_states(k, v, 16, fp32_states=False)
     for h in (None, h16):
@@ -149,3 +155,18 @@ def test_triton_in_chunk_correction_matches_reference(dtype):
         torch.testing.assert_close(fast.float(), ref, atol=5e-2 * float(ref.abs().max()), rtol=0)
     with pytest.raises(ValueError, match="precision"):
         states_at_positions(k, v, positions, chunk_size=16, backend="triton", precision="tf32")
+
+
+def test_position_groups_cover_each_position_once_by_row_and_chunk():
+    from retnet_forgetting.ops.retention.positions import position_groups
+
+    pos = torch.tensor([[9, 0, 70, 3, 3, 64, 1, 2, 5], [8, 8, 8, 0, 130, 129, 7, 6, 63]])
+    g = position_groups(pos, 64, max_group=3)
+    assert sorted(g.order.tolist()) == list(range(pos.numel()))
+    flat = pos.reshape(-1)
+    for first, count in zip(g.first.tolist(), g.count.tolist()):
+        members = g.order[first:first + count]
+        assert 1 <= count <= 3
+        assert len({(int(i) // 9, int(flat[i]) // 64) for i in members}) == 1  # one row, one chunk
+        assert flat[members].tolist() == sorted(flat[members].tolist())
+    assert g.first.numel() == 8  # per row: chunk 0 holds 7 positions (3 groups), another chunk 2 (1 group)

@@ -34,6 +34,7 @@ from retnet_forgetting.ops.retention import (
     chunk_states,
     states_at_positions,
 )
+from retnet_forgetting.ops.retention.positions import MAX_GROUP, position_groups
 from retnet_forgetting.reference.layers import retention_output, retention_qkv
 
 BACKENDS = ("auto", "torch", "fla", "triton")
@@ -53,19 +54,22 @@ class RetNetStateExtractor(StateExtractor):
             layer in one call.
         precision: the Triton correction's dot (``"auto"``: IEEE fp32 for fp32 models, tensor cores in the
             model's dtype otherwise; ``"fast"``; ``"ieee"``).
+        max_group: requested positions of one chunk handled by one program of the Triton correction (it
+            loads the chunk's keys, values and entry state once for all of them).
     """
 
     family = "RetNet"
     hook_module = "attn"
 
     def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
-                 state_dtype: torch.dtype = torch.float32, position_block: int = 64, precision: str = "auto"):
+                 state_dtype: torch.dtype = torch.float32, position_block: int = 64, precision: str = "auto",
+                 max_group: int = MAX_GROUP):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
         super().__init__(model, chunk_size, state_dtype, position_block)
         self.decoder = getattr(model, "model", model)
         self.layers = self.decoder.layers
-        self.backend, self.precision = backend, precision
+        self.backend, self.precision, self.max_group = backend, precision, max_group
 
     @classmethod
     def find_mixers(cls, model: nn.Module) -> list[nn.Module]:
@@ -84,10 +88,15 @@ class RetNetStateExtractor(StateExtractor):
         fp32 = self.state_dtype.itemsize >= 4 or inputs.k.dtype == torch.float32
         return chunk_states(inputs.k, inputs.v, self.chunk_size, backend=self._mix_backend, fp32_states=fp32)
 
-    def states_at(self, inputs: StateInputs, scanned: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return states_at_positions(inputs.k, inputs.v, positions, h=scanned, chunk_size=self.chunk_size,
-                                   backend=self.backend, out_dtype=self.state_dtype, precision=self.precision,
-                                   checked=True)
+    def states_at(self, inputs: StateInputs, scanned: torch.Tensor, p: Pass, sl: slice) -> torch.Tensor:
+        groups = p.memo.get(sl.start)
+        if groups is None and p.positions.is_cuda and self.backend != "torch":  # once per pass and block
+            groups = p.memo[sl.start] = position_groups(p.host_positions[:, sl], self.chunk_size,
+                                                        self.max_group, p.positions.device)
+        return states_at_positions(inputs.k, inputs.v, p.positions[:, sl], h=scanned,
+                                   chunk_size=self.chunk_size, backend=self.backend,
+                                   out_dtype=self.state_dtype, precision=self.precision, checked=True,
+                                   groups=groups)
 
     def _block(self, num_positions: int, stream: bool) -> int:
         direct = not stream and self.backend != "torch" and self._device().type == "cuda"

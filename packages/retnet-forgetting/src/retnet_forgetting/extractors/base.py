@@ -93,14 +93,17 @@ def conv_windows(x: torch.Tensor, positions: torch.Tensor, width: int) -> torch.
 @dataclass
 class Pass:
     """One prepared pass: ``ids [B, T]`` (on the model's device, rows right-aligned when padded),
-    ``positions [B, K]`` (device, columns of ``ids``), ``given [B, K]`` (CPU, the caller's columns),
-    ``index`` (the right-alignment permutation or None) and the sorted requested ``layers``."""
+    ``positions [B, K]`` (columns of ``ids``; on the device, and ``host_positions`` the same on the CPU),
+    ``given [B, K]`` (CPU, the caller's columns), ``index`` (the right-alignment permutation or None), the
+    sorted requested ``layers`` and ``memo`` (what a subclass computes once per pass)."""
 
     ids: torch.Tensor
     positions: torch.Tensor
+    host_positions: torch.Tensor
     given: torch.Tensor
     index: torch.Tensor | None
     layers: list[int]
+    memo: dict = field(default_factory=dict)
 
 
 LayerFn = Callable[[int, StateInputs], object]
@@ -151,11 +154,11 @@ class StateExtractor:
         """The layer's chunk scan, computed once per layer and handed to :meth:`states_at`."""
         return inputs.scan(self.chunk_size)
 
-    def states_at(self, inputs: StateInputs, scanned: object, positions: torch.Tensor) -> torch.Tensor:
-        """States after the tokens at ``positions [B, n]`` (device, checked): ``[B, n, ...]`` in
-        ``state_dtype`` and this extractor's layout."""
+    def states_at(self, inputs: StateInputs, scanned: object, p: Pass, sl: slice) -> torch.Tensor:
+        """States after the tokens at ``p.positions[:, sl]`` (checked): ``[B, n, ...]`` in ``state_dtype``
+        and this extractor's layout."""
         u, log_a, h, _ = scanned
-        s = scan.states_at_positions(inputs.k, u, log_a, positions, h, self.chunk_size)
+        s = scan.states_at_positions(inputs.k, u, log_a, p.positions[:, sl], h, self.chunk_size)
         return self._to_layout(s).to(self.state_dtype)
 
     # ------------------------------------------------------------------ public API
@@ -306,8 +309,9 @@ class StateExtractor:
             index, _ = right_align_index(attention_mask)
             positions = (attention_mask.cumsum(1) - 1).gather(1, given)
             input_ids = gather_rows(input_ids, index.to(input_ids.device))
-        device = self._device()
-        return Pass(input_ids.to(device), positions.to(device), given, index, layers)
+        device = self._device()  # host -> device copies that do not wait for the device
+        return Pass(input_ids.to(device, non_blocking=True), positions.to(device, non_blocking=True),
+                    positions, given, index, layers)
 
     def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
              positions: torch.Tensor | list[int], layers: Iterable[int] | None,
@@ -326,7 +330,7 @@ class StateExtractor:
                 scanned = self.chunk_states(inputs)
                 for start in range(0, K, block):
                     sl = slice(start, start + block)
-                    emit(layer, p.given[:, sl], self.states_at(inputs, scanned, p.positions[:, sl]), inputs)
+                    emit(layer, p.given[:, sl], self.states_at(inputs, scanned, p, sl), inputs)
             if conv_sink is not None:
                 conv_sink(layer, {name: conv_windows(c, p.positions, inputs.conv_width).to(self.state_dtype)
                                   for name, c in inputs.conv.items()})

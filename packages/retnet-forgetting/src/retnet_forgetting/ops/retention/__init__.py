@@ -14,6 +14,7 @@ import torch
 from seqmem_shared.backends import optional_import, resolve_backend
 
 from retnet_forgetting.ops.retention import reference
+from retnet_forgetting.ops.retention.positions import PositionGroups
 from retnet_forgetting.ops.retention.reference import (
     DEFAULT_CHUNK_SIZE,
     chunk_retention,
@@ -111,7 +112,7 @@ def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tenso
                         h: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                         initial_state: torch.Tensor | None = None, backend: str = "auto",
                         out_dtype: torch.dtype = torch.float32, precision: str = "auto",
-                        checked: bool = False) -> torch.Tensor:
+                        checked: bool = False, groups: PositionGroups | None = None) -> torch.Tensor:
     """``S_t`` (state after token ``t``) for ``positions [K]`` or ``[B, K]``: ``[B, K, H, Dk, Dv]``.
 
     Accumulates in fp32 and returns ``out_dtype``. ``backend``: ``"auto"`` (fla chunk states and the
@@ -119,6 +120,8 @@ def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tenso
     correction; on CPU only under ``TRITON_INTERPRET=1``). ``precision``: the Triton dot (``"auto"``,
     ``"fast"`` tensor cores, ``"ieee"`` fp32; see ``triton_states``). ``checked=True``: ``positions`` is
     already a valid ``[B, K]`` long tensor (skips the range check, which syncs for device tensors).
+    ``groups``: ``positions.position_groups`` of the positions for the Triton kernel (made from
+    ``positions`` when None: pass them when ``positions`` live on the device, to avoid a sync).
     """
     if backend not in ("auto", "torch", "fla", "triton"):
         raise ValueError(f"backend={backend!r}: expected one of 'auto', 'torch', 'fla', 'triton'")
@@ -126,13 +129,13 @@ def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tenso
         h = chunk_states(k, v, chunk_size, initial_state, backend="auto" if backend == "triton" else backend)
     if not checked:
         positions = reference._as_batch_positions(positions, k.shape[0], k.shape[1])
-    positions = positions.to(k.device)
     use_triton = backend == "triton" or (backend in ("auto", "fla") and _triton_ok(k, v, chunk_size))
     if use_triton and resolve_backend("triton" if backend == "triton" else "auto", k) == "triton":
         from retnet_forgetting.ops.retention.triton_states import states_at_positions_triton
 
         log_g = _log_decay(k.shape[2], str(k.device))
-        return states_at_positions_triton(k, v, positions, h, log_g, chunk_size, out_dtype, precision)
+        return states_at_positions_triton(k, v, positions, h, log_g, chunk_size, out_dtype, precision, groups)
+    positions = positions.to(k.device)
     return reference.states_at_positions(k, v, positions, h=h, chunk_size=chunk_size).to(out_dtype)
 
 
