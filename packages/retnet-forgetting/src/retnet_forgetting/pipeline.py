@@ -40,11 +40,13 @@ DEFAULTS: dict[str, Any] = {
               "device": None},
     "dataset": {},
     "extraction": {"batch_size": 8, "layers": None, "derotate": True, "shard_rows": 256, "dtype": "float16",
-                   "readout": True, "reduction": {"kind": "bilinear", "rank_k": 16, "rank_v": 16}},
+                   "readout": True, "backend": "auto",
+                   "reduction": {"kind": "bilinear", "rank_k": 16, "rank_v": 16}},
     "probes": {"kinds": ["ridge", "logistic"], "groups": ["head", "layer"], "model_answer": True,
                "logistic": {"max_steps": 300, "lr": 1e-2, "weight_decay": 1e-3}},
 }
-"""``probes.model_answer``: also score the model's own answer (its argmax at the query) per lag, as the
+"""``extraction.backend``: the extractor's kernels (``"auto"``: fla and Triton for CUDA tensors; ``"torch"``:
+the PyTorch reference everywhere). ``probes.model_answer``: also score the model's own answer (its argmax at the query) per lag, as the
 curve ``model_answer`` (layer and head -1)."""
 
 
@@ -194,7 +196,7 @@ def extract(cfg: dict[str, Any], model: torch.nn.Module, df, root: Path, rank: i
     barrier()
     store = StateStore(root)
     store.create(len(df), e["shard_rows"], layers, records, dtype, meta=meta)  # checks the layout
-    extractor = RetNetStateExtractor(model, state_dtype=torch.float32)
+    extractor = RetNetStateExtractor(model, backend=e["backend"], state_dtype=torch.float32)
     pad = 0
     mine = store.pending()[rank::world_size]
     for shard in tqdm(mine, desc=f"extract (rank {rank})" if world_size > 1 else "extract", disable=not mine):
