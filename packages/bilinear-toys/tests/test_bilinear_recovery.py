@@ -119,3 +119,30 @@ def test_context_circuit_equals_the_full_circuit_for_one_layer():
         paths = torch.cat([t for _, t in C.full_circuit_slices(m, offsets=delta, include_mlp=True)])
         assert paths.abs().max() > 0.1
         torch.testing.assert_close(net.double(), paths, rtol=1e-5, atol=1e-5 * paths.abs().max().item())
+
+
+def test_apply_thresholds_equals_a_recovery_run_at_those_thresholds():
+    from bilinear_toys.recovery import apply_thresholds, rule_recovery
+
+    torch.manual_seed(0)
+    lang = SyntheticLanguage(vocab_size=40, seq_len=17, seed=1)
+    model = ToyTransformer(ModelConfig("attention_only_2L", vocab_size=40, d_model=16, n_head=2, n_ctx=16,
+                                       init="unit")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # non-zero output projections
+    rules = lang.rules.to_dict()
+    base = rule_recovery(model, rules, max_offset=2)
+    # the skip-trigram scan leaves out the bigram sources detected at the bigram threshold of the stored
+    # run: compare the skip-trigrams at an unchanged bigram threshold
+    for thr, keys in (({"bigrams": 1.0, "previous_token": 1.0, "induction": 0.0}, ("bigrams",)),
+                      ({"skip_trigrams": 2.0}, ("skip_trigrams",))):
+        direct = rule_recovery(model, rules, max_offset=2, thresholds=thr)
+        redone = apply_thresholds(base, thr)
+        for key in keys:
+            assert redone[key]["n_detected"] != base[key]["n_detected"]  # it did re-score
+            for field in ("precision", "recall", "detected"):
+                assert redone[key][field] == direct[key][field]
+        for kind in ("previous_token", "induction"):
+            for field in ("precision", "recall", "detected"):
+                assert redone["heads"][kind][field] == direct["heads"][kind][field]

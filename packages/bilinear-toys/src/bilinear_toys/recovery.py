@@ -222,7 +222,9 @@ def _score_heads(w: torch.Tensor, is_ref: torch.Tensor, threshold: float) -> dic
 
 def apply_thresholds(recovery: dict[str, Any], thresholds: dict[str, float]) -> dict[str, Any]:
     """A :func:`rule_recovery` result re-scored with other ``thresholds`` (e.g. from
-    :func:`calibrate_thresholds` on a calibration model), from the scores it stored: no recomputation."""
+    :func:`calibrate_thresholds` on a calibration model), from the scores it stored: no recomputation.
+    The skip-trigram scan keeps the bigram sources it left out in the stored run (detected at that run's
+    bigram threshold)."""
     out = dict(recovery)
     for key, name in (("bigrams", "bigrams"), ("skip_trigrams", "skip_trigrams"),
                       ("skip_trigrams_direct_paths", "skip_trigrams")):
