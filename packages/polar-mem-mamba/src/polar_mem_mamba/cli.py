@@ -58,6 +58,14 @@ def evaluate_run(config: Config, checkpoint: str | None = None, out: str | None 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(config, device=device)
     ckpt = load_checkpoint(path, model, restore_rng=False)
+    return write_results(config, model, int(ckpt["step"]), path, out)
+
+
+def write_results(config: Config, model: torch.nn.Module, step: int, checkpoint: Path,
+                  out: str | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` (trained to ``step``, saved at ``checkpoint``) on the test set; write
+    ``results.json`` (default ``config.run_dir / "results.json"``) and return its contents."""
+    device = next(model.parameters()).device
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.precision
                 in ("auto", "bf16") else torch.autocast("cpu", enabled=False))
     with autocast:
@@ -68,8 +76,8 @@ def evaluate_run(config: Config, checkpoint: str | None = None, out: str | None 
         "loss": result["loss"],
         "num_examples": result["num_examples"],
         "chance": 1.0 / config.num_pairs,
-        "checkpoint": str(path),
-        "step": int(ckpt["step"]),
+        "checkpoint": str(checkpoint),
+        "step": step,
         "config": config.to_dict(),
     }
     out_path = Path(out) if out else config.run_dir / "results.json"

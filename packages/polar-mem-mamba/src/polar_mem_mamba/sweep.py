@@ -4,15 +4,26 @@ A sweep file has three top-level keys::
 
     out_dir: outputs/capacity_cliff      # runs go to <out_dir>/runs/<name>/, reports to <out_dir>/
     base: {Config fields}                # shared by every run
-    sweep: {Config field: [values]}      # the grid (cartesian product, in this key order)
+    sweep: {Config field: [values]}      # the grid (cartesian product, in this key order), or a list
+                                         # of such grids (their union, e.g. a smaller one for attention)
 
 ``python -m polar_mem_mamba.sweep --config configs/capacity_cliff.yaml [--set k=v] [--only k=a,b]
-[--shard i/n] [--report-only]``. Runs with a ``results.json`` are skipped, so an interrupted sweep
-continues where it stopped (and an interrupted run resumes from its checkpoint). ``--shard i/n`` runs
-every n-th grid point (one process per GPU: ``CUDA_VISIBLE_DEVICES=i ... --shard i/n``); ``--only``
-restricts swept values. Reports: ``results.csv`` (one row per run), ``heatmap_<architecture>.png``
-(accuracy over num_pairs x d_state, best learning rate per cell by mean over seeds) and
-``cliff.png`` (accuracy vs num_pairs / d_state per architecture).
+[--out-dir D] [--shard i/n | --queue | --workers W] [--report-only]``. Runs with a ``results.json``
+are skipped, so an interrupted sweep continues where it stopped.
+
+- ``--shard i/n`` trains every n-th grid point, one run after the other with the shared Trainer (an
+  interrupted run resumes from its checkpoint); one process per GPU: ``CUDA_VISIBLE_DEVICES=i``.
+- ``--queue`` makes this process a queue worker: it repeatedly claims (:mod:`polar_mem_mamba.claims`)
+  up to ``--group-size`` unfinished runs that share their batches and trains them together
+  (:func:`polar_mem_mamba.lockstep.train_lockstep`: CUDA graphs, one stream per run; ``--no-graphs``
+  steps eagerly), until nothing is left or ``--time-limit`` seconds would be exceeded by another
+  group. Any number of workers can share one sweep; ``--workers W`` starts W of them on this machine,
+  waits, and writes the reports. Compilation and autotuning are paid once per worker process.
+
+Reports: ``results.csv`` (one row per run), ``best_lr.md`` (table of the best-LR accuracy per
+architecture x num_pairs x d_state), ``heatmap_<architecture>.png`` (accuracy over num_pairs x
+d_state, best learning rate per cell by mean over seeds) and ``cliff.png`` (accuracy vs num_pairs,
+one panel per d_state).
 """
 
 from __future__ import annotations
@@ -23,6 +34,10 @@ import io
 import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,49 +56,61 @@ CSV_FIELDS = ("run", "architecture", "num_pairs", "d_state", "learning_rate", "s
               "step")
 
 
-def load_sweep(path: str | Path, overrides: Sequence[str] = (), only: Sequence[str] = ()
-               ) -> tuple[Path, list[Config]]:
-    """(report directory, one validated Config per grid point) from a sweep file."""
+def load_sweep(path: str | Path, overrides: Sequence[str] = (), only: Sequence[str] = (),
+               out_dir: str | Path | None = None) -> tuple[Path, list[Config]]:
+    """(report directory, one validated Config per grid point) from a sweep file.
+
+    ``out_dir`` replaces the file's ``out_dir``.
+    """
     data = read_yaml(path)
     unknown = [k for k in data if k not in SWEEP_KEYS]
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r}; expected {', '.join(SWEEP_KEYS)}")
-    grid = data.get("sweep")
-    if not isinstance(grid, dict) or not grid:
-        raise ConfigError(f"{path}: sweep: expected a mapping of Config field: [values]")
+    grids = data.get("sweep")
+    grids = grids if isinstance(grids, list) else [grids]
     names = Config.field_names()
-    for key, values in grid.items():
-        if key not in names:
-            raise ConfigError(f"{path}: sweep: unknown Config field {key!r}")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: sweep.{key}: expected a non-empty list of values, got {values!r}")
+    for i, grid in enumerate(grids):
+        where = "sweep" if len(grids) == 1 else f"sweep[{i}]"
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"{path}: {where}: expected a mapping of Config field: [values]")
+        for key, values in grid.items():
+            if key not in names:
+                raise ConfigError(f"{path}: {where}: unknown Config field {key!r}")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{path}: {where}.{key}: expected a non-empty list of values, "
+                                  f"got {values!r}")
+    swept = list(dict.fromkeys(k for grid in grids for k in grid))
     for item in only:
         key, _, values = item.partition("=")
-        if key not in grid:
-            raise ConfigError(f"--only {item!r}: expected a swept field ({', '.join(grid)})=v1,v2")
+        if key not in swept:
+            raise ConfigError(f"--only {item!r}: expected a swept field ({', '.join(swept)})=v1,v2")
         keep = [parse_overrides([f"{key}={v}"])[key] for v in values.split(",")]
-        grid[key] = [v for v in grid[key] if v in keep]
+        for grid in grids:
+            if key in grid:
+                grid[key] = [v for v in grid[key] if v in keep]
     base = dict(data.get("base") or {})
     base.update(parse_overrides(overrides))
-    out_dir = Path(data.get("out_dir", "outputs/sweep"))
-    configs = []
-    for values in itertools.product(*grid.values()):
-        point = dict(zip(grid, values))
-        name = "-".join(f"{_SHORT.get(k, k + '=')}{v}" for k, v in point.items())
-        fields = {**base, **point, "out_dir": str(out_dir / "runs"), "run_name": name}
-        configs.append(Config.from_dict(fields, source=f"{path} [{name}]"))
-    return out_dir, configs
+    out_dir = Path(out_dir if out_dir is not None else data.get("out_dir", "outputs/sweep"))
+    configs: dict[str, Config] = {}
+    for grid in grids:
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            name = "-".join(f"{_SHORT.get(k, k + '=')}{v}" for k, v in point.items())
+            fields = {**base, **point, "out_dir": str(out_dir / "runs"), "run_name": name}
+            configs.setdefault(name, Config.from_dict(fields, source=f"{path} [{name}]"))
+    return out_dir, list(configs.values())
 
 
 def run_sweep(path: str | Path, overrides: Sequence[str] = (), only: Sequence[str] = (),
-              shard: tuple[int, int] = (0, 1), evaluate_runs: bool = True, report_only: bool = False) -> Path:
+              shard: tuple[int, int] = (0, 1), evaluate_runs: bool = True, report_only: bool = False,
+              out_dir: str | Path | None = None) -> Path:
     """Train + evaluate every missing grid point of this shard, then write the reports; returns the CSV."""
     from tqdm.auto import tqdm
 
     from polar_mem_mamba.cli import evaluate_run
     from polar_mem_mamba.train import train
 
-    out_dir, configs = load_sweep(path, overrides, only)
+    out_dir, configs = load_sweep(path, overrides, only, out_dir)
     index, count = shard
     mine = [c for i, c in enumerate(configs) if i % count == index]
     if not report_only:
@@ -97,6 +124,90 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), only: Sequence[st
             else:
                 train(config)
     return write_reports(out_dir, configs)
+
+
+def run_queue(path: str | Path, overrides: Sequence[str] = (), only: Sequence[str] = (),
+              group_size: int = 16, graphs: bool = True, time_limit: float | None = None,
+              out_dir: str | Path | None = None) -> list[str]:
+    """Be one queue worker of the sweep: claim groups of unfinished runs and train them in lockstep.
+
+    Each round claims up to ``group_size`` unfinished, unclaimed runs of the first group (runs with
+    one :func:`~polar_mem_mamba.lockstep.group_key`, in grid order) that has any, trains them together,
+    evaluates each (``results.json``) and releases them. Stops when nothing is claimable or when
+    another group would likely end after ``time_limit`` seconds (judged by the longest group so far).
+    Returns the names of the runs this worker finished.
+    """
+    from polar_mem_mamba.claims import Claim, is_done
+    from polar_mem_mamba.cli import write_results
+    from polar_mem_mamba.lockstep import group_key, train_lockstep
+
+    if group_size < 1:
+        raise ConfigError(f"--group-size: expected an integer >= 1, got {group_size}")
+    _, configs = load_sweep(path, overrides, only, out_dir)
+    start, longest = time.perf_counter(), 0.0
+    finished: list[str] = []
+    failed: set[str] = set()
+    while True:
+        if time_limit is not None and time.perf_counter() - start + longest > time_limit:
+            log.info("seqmem: worker %d: time limit %.0f s reached; stopping", os.getpid(), time_limit)
+            break
+        groups: dict[tuple, list[Config]] = defaultdict(list)
+        for config in configs:
+            if config.run_name not in failed and not is_done(config):
+                groups[group_key(config)].append(config)
+        claims: list[Claim] = []
+        for members in groups.values():
+            for config in members:
+                claim = Claim.take(config)
+                if claim is not None:
+                    claims.append(claim)
+                if len(claims) == group_size:
+                    break
+            if claims:
+                break
+        if not claims:
+            break
+        names = [c.config.run_name for c in claims]
+        t0 = time.perf_counter()
+        try:
+            trained = train_lockstep([c.config for c in claims], graphs=graphs)
+            for claim, (model, _) in zip(claims, trained):
+                config = claim.config
+                result = write_results(config, model, config.max_steps, config.run_dir / "checkpoint.pt")
+                log.info("seqmem: %s accuracy %.4f", claim.config.run_name, result["accuracy"])
+                finished.append(claim.config.run_name)
+        except Exception as exc:  # noqa: BLE001 - keep the worker alive for the other groups
+            log.error("seqmem: worker %d: group %s failed: %s", os.getpid(), names, exc)
+            failed.update(n for n in names if n not in finished)
+        finally:
+            for claim in claims:
+                claim.release()
+        longest = max(longest, time.perf_counter() - t0)
+        log.info("seqmem: worker %d: %d runs in %.1f s (%d finished by this worker)", os.getpid(),
+                 len(claims), time.perf_counter() - t0, len(finished))
+    return finished
+
+
+def run_workers(path: str | Path, workers: int, overrides: Sequence[str] = (), only: Sequence[str] = (),
+                group_size: int = 16, graphs: bool = True, time_limit: float | None = None,
+                out_dir: str | Path | None = None) -> Path:
+    """Start ``workers`` queue-worker processes on this machine, wait for them, write the reports."""
+    if workers < 1:
+        raise ConfigError(f"--workers: expected an integer >= 1, got {workers}")
+    report_dir, configs = load_sweep(path, overrides, only, out_dir)
+    command = [sys.executable, "-m", "polar_mem_mamba.sweep", "--config", str(path), "--queue",
+               "--group-size", str(group_size), "--out-dir", str(report_dir)]
+    command += [arg for item in overrides for arg in ("--set", item)]
+    command += [arg for item in only for arg in ("--only", item)]
+    command += [] if graphs else ["--no-graphs"]
+    command += [] if time_limit is None else ["--time-limit", str(time_limit)]
+    log.info("seqmem: sweep %s: %d runs, %d to do, %d workers", path, len(configs),
+             sum(not (c.run_dir / "results.json").is_file() for c in configs), workers)
+    procs = [subprocess.Popen(command) for _ in range(workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        log.warning("seqmem: worker exit codes %s", codes)
+    return write_reports(report_dir, configs)
 
 
 def collect(configs: Sequence[Config]) -> list[dict[str, Any]]:
@@ -126,6 +237,28 @@ def best_lr_table(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int, int], 
     return best
 
 
+def best_lr_markdown(best: dict[tuple[str, int, int], tuple[float, float]]) -> str:
+    """A markdown table: one row per (architecture, num_pairs), one column per d_state, cells
+    ``accuracy (lr)``; a blank cell was not run."""
+    archs = list(dict.fromkeys(a for a, _, _ in sorted(best, key=_arch_order)))
+    states = sorted({d for _, _, d in best})
+    lines = ["| architecture | num_pairs | " + " | ".join(f"d_state {d}" for d in states) + " |",
+             "| --- | ---: |" + " ---: |" * len(states)]
+    for arch in archs:
+        for n in sorted({n for a, n, _ in best if a == arch}):
+            cells = [f"{best[key][0]:.3f} ({best[key][1]:g})" if key in best else ""
+                     for key in ((arch, n, d) for d in states)]
+            lines.append(f"| {arch} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _arch_order(key: tuple[str, int, int]) -> tuple[int, str, int, int]:
+    from polar_mem_mamba.config import ARCHITECTURES
+
+    names = list(ARCHITECTURES)
+    return (names.index(key[0]) if key[0] in names else len(names), *key)
+
+
 def write_reports(out_dir: Path, configs: Sequence[Config]) -> Path:
     """results.csv, heatmap_<arch>.png and cliff.png under ``out_dir`` from the finished runs."""
     rows = collect(configs)
@@ -136,7 +269,9 @@ def write_reports(out_dir: Path, configs: Sequence[Config]) -> Path:
     csv_path = out_dir / "results.csv"
     atomic_write_text(csv_path, buffer.getvalue())
     if rows:
-        plot_reports(out_dir, best_lr_table(rows))
+        best = best_lr_table(rows)
+        atomic_write_text(out_dir / "best_lr.md", best_lr_markdown(best))
+        plot_reports(out_dir, best)
     log.info("seqmem: sweep report: %d finished runs -> %s", len(rows), csv_path)
     return csv_path
 
@@ -147,7 +282,9 @@ def plot_reports(out_dir: Path, best: dict[tuple[str, int, int], tuple[float, fl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    archs = sorted({a for a, _, _ in best})
+    from polar_mem_mamba.config import ARCHITECTURES
+
+    archs = list(dict.fromkeys(a for a, _, _ in sorted(best, key=_arch_order)))
     for arch in archs:
         pairs = sorted({n for a, n, _ in best if a == arch})
         states = sorted({d for a, _, d in best if a == arch})
@@ -162,27 +299,43 @@ def plot_reports(out_dir: Path, best: dict[tuple[str, int, int], tuple[float, fl
                             color="white" if acc < 0.6 else "black")
         ax.set_xticks(range(len(states)), [str(d) for d in states])
         ax.set_yticks(range(len(pairs)), [str(n) for n in pairs])
-        ax.set_xlabel("d_state")
+        stateless = arch in ARCHITECTURES and ARCHITECTURES[arch].mixer == "attention"
+        ax.set_xlabel("d_state (unused: no recurrent state)" if stateless else "d_state")
         ax.set_ylabel("num_pairs")
         ax.set_title(f"{arch}: MQAR accuracy (best LR)")
         fig.colorbar(image, ax=ax)
         _save(fig, out_dir / f"heatmap_{arch}.png")
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arch in archs:
-        ratio: dict[float, list[float]] = defaultdict(list)
-        for (a, n, d), (acc, _) in best.items():
-            if a == arch:
-                ratio[n / d].append(acc)
-        xs = sorted(ratio)
-        ax.plot(xs, [sum(ratio[x]) / len(ratio[x]) for x in xs], marker="o", label=arch)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("num_pairs / d_state")
-    ax.set_ylabel("accuracy (best LR, mean over cells)")
-    ax.set_ylim(0, 1.02)
-    ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
-    ax.legend()
-    ax.set_title("Capacity cliff")
+    _plot_cliff(plt, out_dir, best)
+
+
+def _plot_cliff(plt: Any, out_dir: Path, best: dict[tuple[str, int, int], tuple[float, float]]) -> None:
+    """cliff.png: accuracy (best LR) vs num_pairs, one panel per d_state, one line per architecture;
+    attention has no state, so its line (whatever d_state it ran with) is drawn in every panel."""
+    from polar_mem_mamba.config import ARCHITECTURES
+
+    stateless = {a for a, _, _ in best if a in ARCHITECTURES and ARCHITECTURES[a].mixer == "attention"}
+    archs = list(dict.fromkeys(a for a, _, _ in sorted(best, key=_arch_order)))
+    states = sorted({d for a, _, d in best if a not in stateless}) or sorted({d for _, _, d in best})
+    fig, axes = plt.subplots(1, len(states), figsize=(3.2 * len(states) + 1, 3.4), sharey=True, squeeze=False)
+    for ax, d in zip(axes[0], states):
+        for arch in archs:
+            points = sorted((n, acc) for (a, n, dd), (acc, _) in best.items()
+                            if a == arch and (dd == d or arch in stateless))
+            if arch in stateless:
+                points = sorted({n: acc for n, acc in points}.items())
+            if points:
+                color = f"C{list(ARCHITECTURES).index(arch)}" if arch in ARCHITECTURES else None
+                ax.plot(*zip(*points), marker="o", label=arch, color=color,
+                        linestyle="--" if arch in stateless else "-")
+        ax.axvline(d, color="gray", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("num_pairs")
+        ax.set_title(f"d_state {d}")
+    axes[0][0].set_ylabel("accuracy (best LR)")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Capacity cliff: MQAR recall vs number of pairs (dotted: num_pairs = d_state)", y=1.04)
     _save(fig, out_dir / "cliff.png")
     plt.close(fig)
 
@@ -209,13 +362,33 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="override a base Config field (repeatable)")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=V1,V2",
                         help="restrict a swept field to these values (repeatable)")
-    parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                        help="run grid points i, i+n, ...")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild the CSV and plots")
+    parser.add_argument("--out-dir", help="replace the sweep file's out_dir")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                      help="run grid points i, i+n, ... one after the other")
+    mode.add_argument("--queue", action="store_true", help="be one queue worker (no reports)")
+    mode.add_argument("--workers", type=int, metavar="W", help="start W queue workers, then report")
+    mode.add_argument("--report-only", action="store_true", help="only rebuild the CSV and plots")
+    parser.add_argument("--group-size", type=int, default=16, metavar="K",
+                        help="queue: runs trained together in one worker (default 16)")
+    parser.add_argument("--no-graphs", action="store_true", help="queue: step eagerly, no CUDA graphs")
+    parser.add_argument("--time-limit", type=float, metavar="S",
+                        help="queue: claim no group that would likely end after S seconds")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    prefix = f"[{os.getpid()}] " if args.queue else ""
+    logging.basicConfig(level=logging.INFO, format=f"{prefix}%(message)s")
+    queue_args = dict(group_size=args.group_size, graphs=not args.no_graphs, time_limit=args.time_limit,
+                      out_dir=args.out_dir)
     try:
-        csv_path = run_sweep(args.config, args.overrides, args.only, args.shard, report_only=args.report_only)
+        if args.queue:
+            done = run_queue(args.config, args.overrides, args.only, **queue_args)
+            print(f"worker {os.getpid()}: finished {len(done)} runs")
+            return
+        if args.workers is not None:
+            csv_path = run_workers(args.config, args.workers, args.overrides, args.only, **queue_args)
+        else:
+            csv_path = run_sweep(args.config, args.overrides, args.only, args.shard,
+                                 report_only=args.report_only, out_dir=args.out_dir)
     except ConfigError as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"sweep report: {csv_path}")

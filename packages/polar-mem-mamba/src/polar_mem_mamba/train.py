@@ -42,7 +42,15 @@ def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     answered = targets != -100
     correct = (logits.argmax(-1) == targets) & answered
     per_position = correct.sum(0).float() / answered.sum(0).clamp(min=1)
-    return correct.sum().float() / answered.sum().clamp(min=1), per_position[answered.any(0)]
+    return overall_accuracy(logits, targets), per_position[answered.any(0)]
+
+
+def overall_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Accuracy over the answer positions (targets != -100) of logits [B, T, V]; no host sync (the
+    per-slot selection of :func:`answer_accuracy` has a data-dependent shape, which CUDA graphs forbid)."""
+    answered = targets != -100
+    correct = (logits.argmax(-1) == targets) & answered
+    return correct.sum().float() / answered.sum().clamp(min=1)
 
 
 def mqar_loss(config: Config) -> Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -52,8 +60,7 @@ def mqar_loss(config: Config) -> Callable[[nn.Module, Batch], tuple[torch.Tensor
         logits = model(batch["encoder_ids"], batch["decoder_ids"])
         loss = cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
                              label_smoothing=config.label_smoothing, backend=config.backend)
-        accuracy, _ = answer_accuracy(logits.detach(), batch["targets"])
-        return loss, {"accuracy": accuracy}
+        return loss, {"accuracy": overall_accuracy(logits.detach(), batch["targets"])}
 
     return loss_fn
 

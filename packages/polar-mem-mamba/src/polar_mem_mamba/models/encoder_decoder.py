@@ -127,9 +127,18 @@ class HybridMambaEncoderDecoder(nn.Module):
         self.decoder = Decoder(config, device=device, dtype=dtype)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False, device=device, dtype=dtype)
 
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, L] -> embeddings [B, L, d_model] (= ``self.embed(ids)``).
+
+        Looked up with ``index_select``, whose backward is an ``index_add_``: ``nn.Embedding``'s CUDA
+        backward sorts more than 3072 indices with a host synchronisation, which a CUDA graph cannot
+        capture (pytorch/pytorch#82886).
+        """
+        return self.embed.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
+
     def encode(self, encoder_ids: torch.Tensor) -> torch.Tensor:
         """encoder_ids [B, S] -> encoder_out [B, S, d_model]."""
-        return self.encoder(self.dropout(self.embed(encoder_ids)))
+        return self.encoder(self.dropout(self.embed_ids(encoder_ids)))
 
     def hidden_states(self, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
         """Final decoder hidden states at the decoder positions, [B, M, d_model]."""
@@ -139,7 +148,7 @@ class HybridMambaEncoderDecoder(nn.Module):
             raise ValueError(f"decoder_ids: expected batch size {encoder_ids.shape[0]} (as encoder_ids), "
                              f"got {decoder_ids.shape[0]}")
         encoder_out = self.encode(encoder_ids)
-        stream = self.dropout(self.embed(decoder_ids)).to(encoder_out.dtype)
+        stream = self.dropout(self.embed_ids(decoder_ids)).to(encoder_out.dtype)
         if not self.config.arch.encoder_prefix:
             return self.decoder(stream, encoder_out)
         return self.decoder(torch.cat([encoder_out, stream], dim=1), encoder_out)[:, encoder_ids.shape[1]:]
