@@ -156,3 +156,18 @@ def test_cli_set_overrides():
     for bad, match in bad_sets:
         with pytest.raises(ValueError, match=match):
             apply_overrides(cfg, [bad])
+
+
+def test_lag_batches_with_a_fixed_token_count():
+    import pytest
+    from retnet_forgetting.train import LagBatches
+
+    df = _recall_rows(lags=(20, 100, 300))  # rows up to ~340 tokens -> lengths 64, 128/192 -> 256, 512
+    batches = LagBatches(df, batch_size=3, tokens_per_batch=1024)
+    shapes = {tuple(batches(i)["input_ids"].shape) for i in range(30)}
+    assert all(b * t == 1024 and t in (64, 128, 256, 512) for b, t in shapes) and len(shapes) >= 2
+    b = batches(5)
+    answer = (b["labels"] != -100).int().argmax(1)
+    assert ((b["labels"] != -100).sum(1) == 1).all() and (answer == b["attention_mask"].sum(1) - 1).all()
+    with pytest.raises(ValueError, match="tokens_per_batch"):
+        LagBatches(df, batch_size=3, tokens_per_batch=768)

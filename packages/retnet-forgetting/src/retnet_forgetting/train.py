@@ -39,11 +39,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 """``train`` also takes ``bucket_by_lag`` (default true: every batch holds one target lag, so short-lag
 batches are not padded to the longest lag), ``curriculum_steps`` (0: none; else the longest lag trained
-on grows from the shortest to the longest over these steps, see :class:`LagBatches`), ``time_limit_s``
+on grows from the shortest to the longest over these steps), ``tokens_per_batch`` (0: ``batch_size`` rows
+per batch; else a fixed token count per batch, see :class:`LagBatches`), ``time_limit_s``
 (stop after this many seconds of training, then evaluate and save; null: no limit) and ``eval_rows``
 (validation rows per evaluation)."""
-TRAIN_EXTRAS = {"batch_size": 32, "bucket_by_lag": True, "curriculum_steps": 0, "time_limit_s": None,
-                "eval_rows": 1024}
+TRAIN_EXTRAS = {"batch_size": 32, "bucket_by_lag": True, "curriculum_steps": 0, "tokens_per_batch": 0,
+                "time_limit_s": None, "eval_rows": 1024}
 
 
 def load_train_config(path: str | Path | None) -> dict[str, Any]:
@@ -80,15 +81,24 @@ class LagBatches:
 
     ``curriculum`` > 0 (micro-batches; one per step in a single process): batch ``index`` draws only from
     the shortest ``ceil(n_lags * (index + 1) / curriculum)`` lags, so the longest lag allowed grows from
-    the shortest to all of them over the first ``curriculum`` batches (needs ``bucket_by_lag``)."""
+    the shortest to all of them over the first ``curriculum`` batches (needs ``bucket_by_lag``).
+
+    ``tokens_per_batch`` > 0: every batch is ``[tokens_per_batch // T, T]`` with ``T`` the bucket's length
+    rounded up to 64 * 2^k, so all batches hold the same number of token slots (``batch_size`` is unused).
+    Kernels autotuned on the token count (fla's norms key on it) then tune once, not once per length."""
 
     def __init__(self, rows, batch_size: int, bucket_by_lag: bool = True, curriculum: int = 0,
-                 pad_id: int = 0):
-        self.batch_size, self.curriculum = batch_size, curriculum
+                 pad_id: int = 0, tokens_per_batch: int = 0):
+        self.batch_size, self.curriculum, self.tokens_per_batch = batch_size, curriculum, tokens_per_batch
         lags = rows["target_lag"].to_numpy()
         members = ([np.flatnonzero(lags == lag) for lag in sorted(set(lags.tolist()))] if bucket_by_lag
                    else [np.arange(len(rows))])
         self.groups = [_padded(rows.iloc[m], pad_id) for m in members]  # (ids, labels) [n, T] each
+        if tokens_per_batch:
+            longest = _pow2_length(max(ids.shape[1] for ids, _ in self.groups))
+            if tokens_per_batch % longest:
+                raise ValueError(f"train.tokens_per_batch={tokens_per_batch}: expected a multiple of "
+                                 f"{longest} (the longest rows rounded up to 64 * 2^k)")
 
     def __call__(self, index: int) -> dict[str, torch.Tensor]:
         rng = random.Random(index)
@@ -96,11 +106,26 @@ class LagBatches:
         if self.curriculum > 0:
             n = min(n, math.ceil(n * (index + 1) / self.curriculum))
         ids, labels = self.groups[rng.randrange(n)]
-        pick = [rng.randrange(len(ids)) for _ in range(self.batch_size)]
-        lengths = (labels[pick] != -100).argmax(1) + 1  # each row ends with its answer token
-        T = min(ids.shape[1], -(-int(lengths.max()) // 64) * 64)  # whole 64-token chunks: fewer variants
-        return {"input_ids": torch.from_numpy(ids[pick, :T]), "labels": torch.from_numpy(labels[pick, :T]),
+        if self.tokens_per_batch:
+            T = _pow2_length(ids.shape[1])
+            rows = self.tokens_per_batch // T
+        else:
+            rows = self.batch_size
+        pick = [rng.randrange(len(ids)) for _ in range(rows)]
+        ids, labels = ids[pick], labels[pick]
+        lengths = (labels != -100).argmax(1) + 1  # each row ends with its answer token
+        if self.tokens_per_batch:
+            ids = np.pad(ids, ((0, 0), (0, T - ids.shape[1])))
+            labels = np.pad(labels, ((0, 0), (0, T - labels.shape[1])), constant_values=-100)
+        else:
+            T = min(ids.shape[1], -(-int(lengths.max()) // 64) * 64)  # whole 64-token chunks: fewer variants
+        return {"input_ids": torch.from_numpy(ids[:, :T]), "labels": torch.from_numpy(labels[:, :T]),
                 "attention_mask": torch.from_numpy((np.arange(T)[None] < lengths[:, None]).astype(np.int64))}
+
+
+def _pow2_length(n: int) -> int:
+    """The smallest ``64 * 2^k >= n``."""
+    return 64 * 2 ** max(0, math.ceil(math.log2(n / 64)))
 
 
 def _padded(rows, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,14 +170,17 @@ def recall_accuracy_by_lag(model: torch.nn.Module, rows, batch_size: int = 32) -
     return out
 
 
-class _TimeLimit:
-    """Trainer callback: stop after ``seconds`` of training (``trainer._elapsed``, without eval and saves)."""
+class _Clock:
+    """Trainer callback: logs the time of steps 1, 10 and 100 (compilation and autotuning show up there)
+    and stops after ``seconds`` of training (``trainer._elapsed``, evaluations included; None: no limit)."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float | None):
         self.seconds = seconds
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
-        if trainer._elapsed >= self.seconds and step < trainer.config.max_steps:
+        if step in (1, 10, 100):
+            log.info("train-tiny: step %d at %.1f s", step, trainer._elapsed)
+        if self.seconds is not None and trainer._elapsed >= self.seconds and step < trainer.config.max_steps:
             log.info("train-tiny: time_limit_s=%s reached at step %d; stopping", self.seconds, step)
             trainer.should_stop = True
 
@@ -188,7 +216,8 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
     if extras["curriculum_steps"] and not extras["bucket_by_lag"]:
         raise ValueError("train.curriculum_steps: expected 0 when train.bucket_by_lag is false")
     batches = LagBatches(train_rows, int(extras["batch_size"]), bool(extras["bucket_by_lag"]),
-                         int(extras["curriculum_steps"]) * int(t.get("grad_accum_steps", 1)))
+                         int(extras["curriculum_steps"]) * int(t.get("grad_accum_steps", 1)),
+                         tokens_per_batch=int(extras["tokens_per_batch"] or 0))
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return m(input_ids=batch["input_ids"], labels=batch["labels"]).loss
@@ -196,9 +225,9 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         return recall_accuracy_by_lag(m, eval_rows, int(extras["batch_size"]))
 
-    callbacks = [_TimeLimit(float(extras["time_limit_s"]))] if extras["time_limit_s"] else []
-    trainer = Trainer(model, TrainConfig(**t, out_dir=str(out / "train"), best_metric="recall_acc",
-                                         best_mode="max"), loss_fn, batches, eval_fn, callbacks=callbacks)
+    limit = float(extras["time_limit_s"]) if extras["time_limit_s"] else None
+    train_cfg = TrainConfig(**t, out_dir=str(out / "train"), best_metric="recall_acc", best_mode="max")
+    trainer = Trainer(model, train_cfg, loss_fn, batches, eval_fn, callbacks=[_Clock(limit)])
     metrics = trainer.fit()
     model.eval()
     model_dir = out / "model"
