@@ -120,6 +120,8 @@ def test_model_answer_accuracy_by_lag():
     value = int(answer_tokens(df)[0])
     pred = predict_answers(_Peek(constant=value), df, batch_size=7)
     assert (pred == value).all()
+    padded = predict_answers(_Peek(), df, batch_size=7, fixed_shape=True)  # one [7, 64 * 2^k] shape
+    assert (padded == answer_tokens(df)).all()
     const = recall_accuracy_by_lag(_Peek(constant=value), df)["recall_acc"]
     assert const == float((answer_tokens(df) == value).mean()) < 1
 

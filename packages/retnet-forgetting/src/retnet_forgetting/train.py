@@ -135,20 +135,29 @@ def _padded(rows, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def predict_answers(model: torch.nn.Module, rows, batch_size: int = 32) -> np.ndarray:
+def predict_answers(model: torch.nn.Module, rows, batch_size: int = 32, fixed_shape: bool | None = None,
+                    ) -> np.ndarray:
     """The model's own answer: argmax over the vocabulary of its logits at each row's ``query_position``
-    (the token after it is the fact's value). Rows are batched by length (right padding); ``[len(rows)]``."""
+    (the token after it is the fact's value). Rows are batched by length (right padding); ``[len(rows)]``.
+
+    ``fixed_shape`` (default: for fla models) pads every batch to ``[batch_size, longest row rounded up to
+    64 * 2^k]``: fla's norm kernels compile and autotune once per token count, not once per batch."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    if fixed_shape is None:
+        fixed_shape = type(model).__module__.startswith("fla")
+    width = _pow2_length(int(rows["num_tokens"].max())) if fixed_shape and len(rows) else 0
     order = np.argsort(rows["num_tokens"].to_numpy(), kind="stable")
     pred = np.zeros(len(rows), dtype=np.int64)
     for start in range(0, len(rows), batch_size):
         sel = order[start:start + batch_size]
         part = rows.iloc[sel]
-        ids = recall_batch(part)["input_ids"].to(device)
+        ids = recall_batch(part)["input_ids"]
+        if fixed_shape:
+            ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1], 0, batch_size - len(sel)))
         q = torch.tensor(part["query_position"].to_numpy(), device=device)
-        logits = model(input_ids=ids).logits
+        logits = model(input_ids=ids.to(device)).logits
         pred[sel] = logits[torch.arange(len(sel), device=device), q].argmax(-1).cpu().numpy()
     model.train(was_training)
     return pred
