@@ -85,22 +85,24 @@ def test_lockstep_on_cpu_equals_the_shared_trainer(tmp_path):
 
 def test_queue_worker_trains_every_run_once_and_resumes(tmp_path):
     path = _sweep(tmp_path)
-    out_dir, configs = load_sweep(path)
-    assert len(configs) == 6 and {c.d_state for c in configs if c.architecture == "attention"} == {8}
-    done = run_queue(path, group_size=2)
-    assert sorted(done) == sorted(c.run_name for c in configs)
+    _, every = load_sweep(path)
+    assert len(every) == 6 and {c.d_state for c in every if c.architecture == "attention"} == {8}
+    only = ["num_pairs=4"]
+    _, configs = load_sweep(path, only=only)
+    done = run_queue(path, only=only, group_size=2)
+    assert sorted(done) == sorted(c.run_name for c in configs) and len(done) == 3
     for config in configs:
         assert [r["step"] for r in _metric_lines(config)] == [1, 2, 3]
         assert json.loads((config.run_dir / "results.json").read_text())["step"] == 3
-    assert run_queue(path) == [], "a finished sweep has nothing to train"
+    assert run_queue(path, only=only) == [], "a finished sweep has nothing to train"
     (configs[1].run_dir / "results.json").unlink()
-    assert run_queue(path) == [configs[1].run_name]
+    assert run_queue(path, only=only) == [configs[1].run_name]
 
 
 def test_two_worker_processes_share_a_sweep_without_training_a_run_twice(tmp_path):
     path = _sweep(tmp_path, max_steps=1, warmup_steps=0)
-    csv_path = run_workers(path, workers=2, group_size=1)
-    _, configs = load_sweep(path)
+    csv_path = run_workers(path, workers=2, group_size=1, only=["num_pairs=4"])
+    _, configs = load_sweep(path, only=["num_pairs=4"])
     assert len(csv_path.read_text().splitlines()) == 1 + len(configs)
     for config in configs:
         assert len(_metric_lines(config)) == 1, config.run_name
