@@ -65,8 +65,8 @@ def load_retnet_model(name_or_path: str | Path | RetNetConfig | dict = DEFAULT_M
         model = RetNetForCausalLM.from_pretrained(path, dtype=dtype)
     model = model.to(device).eval()
     tok = _tokenizer(path) if tokenizer else None
-    log.info("loaded %s (%s, %.2fB parameters) on %s", name_or_path, type(model).__module__,
-             sum(p.numel() for p in model.parameters()) / 1e9, device)
+    log.info("loaded %s (%s, %.2fM parameters) on %s", name_or_path, type(model).__module__,
+             sum(p.numel() for p in model.parameters()) / 1e6, device)
     return model, tok
 
 
