@@ -173,3 +173,31 @@ def test_lag_batches_with_a_fixed_token_count():
     assert ((b["labels"] != -100).sum(1) == 1).all() and (answer == b["attention_mask"].sum(1) - 1).all()
     with pytest.raises(ValueError, match="tokens_per_batch"):
         LagBatches(df, batch_size=3, tokens_per_batch=768)
+
+
+def test_train_tiny_saves_the_model_on_sigterm(tmp_path, monkeypatch):
+    import json
+    import signal
+
+    from retnet_forgetting import train
+
+    calls = []
+    original = train.LagBatches.__call__
+
+    def terminate_at_third_batch(self, index):
+        calls.append(index)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)  # as `timeout` would
+        return original(self, index)
+
+    monkeypatch.setattr(train.LagBatches, "__call__", terminate_at_third_batch)
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = train.load_train_config(None)
+    cfg.update(out_dir=str(tmp_path / "t"), device="cpu", implementation="reference", model=TINY_MODEL,
+               dataset={"num_sequences": 40, "lags": [20, 60], "num_names": 30})
+    cfg["train"].update(max_steps=50, warmup_steps=1, batch_size=2, eval_every=0, save_every=0, eval_rows=8,
+                        progress=False)
+    model_dir = train.train_tiny(cfg)
+    summary = json.loads((tmp_path / "t" / "train_summary.json").read_text())
+    assert summary["interrupted"] and summary["steps"] == 2 and (model_dir / "config.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == before and len(calls) == 3  # handler restored

@@ -9,10 +9,13 @@ The trained model is saved as ``out_dir/model`` (config.json + model.safetensors
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -194,10 +197,32 @@ class _Clock:
             trainer.should_stop = True
 
 
+class _Terminated(Exception):
+    """Raised in the main thread on SIGTERM (e.g. from ``timeout``) while training."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises :class:`_Terminated` inside the block (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_tiny(cfg: dict[str, Any]) -> Path:
     """Train; returns the directory of the saved model (``out_dir/model``). ``out_dir/train_summary.json``
     holds the final metrics (loss, the model's recall accuracy per lag on validation names), the step
-    reached, the wall time and the config."""
+    reached, the wall time and the config. A SIGTERM during training (a ``timeout`` running out) stops it
+    and saves the model as it is, marked ``"interrupted": true`` in the summary."""
     from seqmem_shared.io import atomic_write_json
     from seqmem_shared.tokenization import get_tokenizer
     from seqmem_shared.train import TrainConfig, Trainer
@@ -237,11 +262,17 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
     limit = float(extras["time_limit_s"]) if extras["time_limit_s"] else None
     train_cfg = TrainConfig(**t, out_dir=str(out / "train"), best_metric="recall_acc", best_mode="max")
     trainer = Trainer(model, train_cfg, loss_fn, batches, eval_fn, callbacks=[_Clock(limit)])
-    metrics = trainer.fit()
+    with _sigterm_raises():
+        try:
+            metrics, interrupted = trainer.fit(), False
+        except _Terminated:
+            log.warning("train-tiny: SIGTERM at step %d; saving the model as it is", trainer.step)
+            metrics, interrupted = dict(trainer.last_metrics), True
     model.eval()
     model_dir = out / "model"
     model.save_pretrained(model_dir)
-    summary = {"metrics": metrics, "steps": trainer.step, "wall_s": round(time.perf_counter() - started, 1),
+    summary = {"metrics": metrics, "steps": trainer.step, "interrupted": interrupted,
+               "wall_s": round(time.perf_counter() - started, 1),
                "train_s": round(trainer._elapsed, 1),
                "num_parameters": sum(p.numel() for p in model.parameters()),
                "implementation": get_model_config(model)["implementation"],
