@@ -51,13 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.command == "run":
+        from seqmem_shared.train import barrier, cleanup
+
         from retnet_forgetting.pipeline import load_config
         from retnet_forgetting.pipeline import run as run_pipeline
 
         cfg = apply_overrides(load_config(args.config), args.set)
         if args.out_dir:
             cfg["out_dir"] = args.out_dir
-        report = run_pipeline(cfg)
+        try:
+            report = run_pipeline(cfg)
+            barrier()  # the other ranks wait for rank 0's analysis: one leaving early aborts gloo
+        finally:
+            cleanup()
         if report is not None:  # rank 0 (or a single process)
             print(report)
         return 0
