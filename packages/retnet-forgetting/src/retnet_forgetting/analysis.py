@@ -96,11 +96,7 @@ def plot_curves(curves, out_dir: str | Path, chance: float, num_heads: int) -> l
             ax.set_xlabel("lag (tokens)")
         axes[0][0].set_ylabel("accuracy")
         axes[0][-1].legend(fontsize=6)
-        fig.tight_layout()
-        path = out_dir / f"accuracy_vs_lag_{probe}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"accuracy_vs_lag_{probe}.png"))
         heads = pc[pc["head"] >= 0]
         if len(heads):
             paths.append(_heatmaps(heads, probe, out_dir, chance))
@@ -126,16 +122,13 @@ def _heatmaps(heads, probe: str, out_dir: Path, chance: float) -> Path:
     axes[0][0].set_ylabel("layer", fontsize=7)
     fig.suptitle(f"{probe}: accuracy per layer and head", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02, pad=0.01)
-    path = out_dir / f"heatmap_{probe}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / f"heatmap_{probe}.png", tight=False)
 
 
 def plot_summary(curves, half_lives, out_dir: str | Path, chance: float) -> list[Path]:
     """``summary.png``: the model's own answers and the whole-layer probes vs lag; ``half_life_vs_decay.png``:
     each (layer, head)'s memory half-life against its decay half-life (head probes; a half-life beyond the
-    longest lag is drawn at the top edge as a triangle)."""
+    longest lag is drawn on the line marked "beyond the longest lag")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,17 +152,14 @@ def plot_summary(curves, half_lives, out_dir: str | Path, chance: float) -> list
         ax.set_xlabel("lag (tokens)")
         ax.set_ylabel("accuracy (test names)")
         ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        paths.append(out_dir / "summary.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "summary.png"))
     heads = half_lives[half_lives["head"] >= 0]
     if len(heads):
         top = 2.0 * float(curves["lag"].max())
         fig, ax = plt.subplots(figsize=(5.5, 4))
         markers = dict(zip(sorted(heads["probe"].unique()), "osD^v"))
         for (probe, layer), g in heads.groupby(["probe", "layer"]):
-            g = g[np.isfinite(g["half_life"]) | np.isinf(g["half_life"])]
+            g = g[g["half_life"].notna()]
             if not len(g):
                 continue
             y = np.where(np.isinf(g["half_life"]), top, g["half_life"])
@@ -184,11 +174,19 @@ def plot_summary(curves, half_lives, out_dir: str | Path, chance: float) -> list
         ax.set_xlabel("decay half-life ln 0.5 / ln gamma_h (tokens)")
         ax.set_ylabel("memory half-life (tokens)")
         ax.legend(fontsize=5, ncol=2)
-        fig.tight_layout()
-        paths.append(out_dir / "half_life_vs_decay.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "half_life_vs_decay.png"))
     return paths
+
+
+def _save(fig: Any, path: Path, tight: bool = True) -> Path:
+    """Write ``fig`` as a PNG at ``path`` and close it (``tight``: ``tight_layout`` first)."""
+    import matplotlib.pyplot as plt
+
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_report(out_dir: str | Path, curves, half_lives, info: dict[str, Any], plots: list[Path]) -> Path:

@@ -26,8 +26,9 @@ def position_groups(positions: torch.Tensor, chunk_size: int, max_group: int = M
     B, K = positions.shape
     flat = positions.reshape(-1).long().cpu()
     row = torch.arange(B).repeat_interleave(K)
-    order = torch.argsort(row * (int(flat.max()) + 1 if flat.numel() else 1) + flat, stable=True)
-    chunk = (row * (int(flat.max()) // chunk_size + 1 if flat.numel() else 1) + flat // chunk_size)[order]
+    top = int(flat.max()) if flat.numel() else 0  # row strides that keep (row, position) keys apart
+    order = torch.argsort(row * (top + 1) + flat, stable=True)
+    chunk = (row * (top // chunk_size + 1) + flat // chunk_size)[order]
     n = flat.numel()
     new_chunk = torch.ones(n, dtype=torch.bool)
     new_chunk[1:] = chunk[1:] != chunk[:-1]
