@@ -176,7 +176,7 @@ def train_lockstep(configs: Sequence[Config], device: torch.device | str | None 
                 torch.cuda.synchronize(device)
                 for run in runs:
                     if not _try_capture(run, static):
-                        break  # the others would fail the same way: train the whole group eagerly
+                        break  # the rest would fail the same way: eager (runs captured so far keep graphs)
             for run in runs:
                 with torch.cuda.stream(run.stream) if run.stream is not None else contextlib.nullcontext():
                     if run.stream is not None:
@@ -231,6 +231,7 @@ def _try_capture(run: _Run, static: Batch) -> bool:
         run.graph = None
         cause = exc.__context__ or exc  # capture_end's error hides the op that broke the capture
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        log.warning("seqmem: CUDA graph capture failed for %s (%s: %s); training its group eagerly",
+        log.warning("seqmem: CUDA graph capture failed for %s (%s: %s); it and the group's later runs "
+                    "train eagerly",
                     run.config.run_name, type(cause).__name__, first)
         return False

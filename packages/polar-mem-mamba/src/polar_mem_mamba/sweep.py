@@ -45,7 +45,8 @@ from typing import Any
 
 from seqmem_shared.io import atomic_write, atomic_write_text
 
-from polar_mem_mamba.config import Config, ConfigError, read_yaml
+from polar_mem_mamba.claims import is_done
+from polar_mem_mamba.config import ARCHITECTURES, Config, ConfigError, read_yaml
 from polar_mem_mamba.train import parse_overrides
 
 log = logging.getLogger("seqmem")
@@ -114,7 +115,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), only: Sequence[st
     index, count = shard
     mine = [c for i, c in enumerate(configs) if i % count == index]
     if not report_only:
-        todo = [c for c in mine if not (c.run_dir / "results.json").is_file()]
+        todo = [c for c in mine if not is_done(c)]
         log.info("seqmem: sweep %s: %d runs, %d in shard %d/%d, %d to do", path, len(configs), len(mine),
                  index, count, len(todo))
         for config in tqdm(todo, desc="sweep", dynamic_ncols=True):
@@ -137,7 +138,7 @@ def run_queue(path: str | Path, overrides: Sequence[str] = (), only: Sequence[st
     another group would likely end after ``time_limit`` seconds (judged by the longest group so far).
     Returns the names of the runs this worker finished.
     """
-    from polar_mem_mamba.claims import Claim, is_done
+    from polar_mem_mamba.claims import Claim
     from polar_mem_mamba.cli import write_results
     from polar_mem_mamba.lockstep import group_key, train_lockstep
 
@@ -202,7 +203,7 @@ def run_workers(path: str | Path, workers: int, overrides: Sequence[str] = (), o
     command += [] if graphs else ["--no-graphs"]
     command += [] if time_limit is None else ["--time-limit", str(time_limit)]
     log.info("seqmem: sweep %s: %d runs, %d to do, %d workers", path, len(configs),
-             sum(not (c.run_dir / "results.json").is_file() for c in configs), workers)
+             sum(not is_done(c) for c in configs), workers)
     procs = [subprocess.Popen(command) for _ in range(workers)]
     codes = [p.wait() for p in procs]
     if any(codes):
@@ -240,11 +241,10 @@ def best_lr_table(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int, int], 
 def best_lr_markdown(best: dict[tuple[str, int, int], tuple[float, float]]) -> str:
     """A markdown table: one row per (architecture, num_pairs), one column per d_state, cells
     ``accuracy (lr)``; a blank cell was not run."""
-    archs = list(dict.fromkeys(a for a, _, _ in sorted(best, key=_arch_order)))
     states = sorted({d for _, _, d in best})
     lines = ["| architecture | num_pairs | " + " | ".join(f"d_state {d}" for d in states) + " |",
              "| --- | ---: |" + " ---: |" * len(states)]
-    for arch in archs:
+    for arch in _architectures(best):
         for n in sorted({n for a, n, _ in best if a == arch}):
             cells = [f"{best[key][0]:.3f} ({best[key][1]:g})" if key in best else ""
                      for key in ((arch, n, d) for d in states)]
@@ -252,11 +252,15 @@ def best_lr_markdown(best: dict[tuple[str, int, int], tuple[float, float]]) -> s
     return "\n".join(lines) + "\n"
 
 
-def _arch_order(key: tuple[str, int, int]) -> tuple[int, str, int, int]:
-    from polar_mem_mamba.config import ARCHITECTURES
-
+def _architectures(best: dict[tuple[str, int, int], tuple[float, float]]) -> list[str]:
+    """The architectures in ``best``, in :data:`ARCHITECTURES` order (unknown names last)."""
     names = list(ARCHITECTURES)
-    return (names.index(key[0]) if key[0] in names else len(names), *key)
+    return sorted({a for a, _, _ in best}, key=lambda a: (names.index(a) if a in names else len(names), a))
+
+
+def _stateless(arch: str) -> bool:
+    """Whether ``arch`` has no recurrent state (attention mixers: ``d_state`` is unused)."""
+    return arch in ARCHITECTURES and ARCHITECTURES[arch].mixer == "attention"
 
 
 def write_reports(out_dir: Path, configs: Sequence[Config]) -> Path:
@@ -282,10 +286,7 @@ def plot_reports(out_dir: Path, best: dict[tuple[str, int, int], tuple[float, fl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from polar_mem_mamba.config import ARCHITECTURES
-
-    archs = list(dict.fromkeys(a for a, _, _ in sorted(best, key=_arch_order)))
-    for arch in archs:
+    for arch in _architectures(best):
         pairs = sorted({n for a, n, _ in best if a == arch})
         states = sorted({d for a, _, d in best if a == arch})
         fig, ax = plt.subplots(figsize=(1.2 * len(states) + 2.5, 0.8 * len(pairs) + 1.8))
@@ -299,8 +300,7 @@ def plot_reports(out_dir: Path, best: dict[tuple[str, int, int], tuple[float, fl
                             color="white" if acc < 0.6 else "black")
         ax.set_xticks(range(len(states)), [str(d) for d in states])
         ax.set_yticks(range(len(pairs)), [str(n) for n in pairs])
-        stateless = arch in ARCHITECTURES and ARCHITECTURES[arch].mixer == "attention"
-        ax.set_xlabel("d_state (unused: no recurrent state)" if stateless else "d_state")
+        ax.set_xlabel("d_state (unused: no recurrent state)" if _stateless(arch) else "d_state")
         ax.set_ylabel("num_pairs")
         ax.set_title(f"{arch}: MQAR accuracy (best LR)")
         fig.colorbar(image, ax=ax)
@@ -312,10 +312,8 @@ def plot_reports(out_dir: Path, best: dict[tuple[str, int, int], tuple[float, fl
 def _plot_cliff(plt: Any, out_dir: Path, best: dict[tuple[str, int, int], tuple[float, float]]) -> None:
     """cliff.png: accuracy (best LR) vs num_pairs, one panel per d_state, one line per architecture;
     attention has no state, so its line (whatever d_state it ran with) is drawn in every panel."""
-    from polar_mem_mamba.config import ARCHITECTURES
-
-    stateless = {a for a, _, _ in best if a in ARCHITECTURES and ARCHITECTURES[a].mixer == "attention"}
-    archs = list(dict.fromkeys(a for a, _, _ in sorted(best, key=_arch_order)))
+    archs = _architectures(best)
+    stateless = {a for a in archs if _stateless(a)}
     states = sorted({d for a, _, d in best if a not in stateless}) or sorted({d for _, _, d in best})
     fig, axes = plt.subplots(1, len(states), figsize=(3.2 * len(states) + 1, 3.4), sharey=True, squeeze=False)
     for ax, d in zip(axes[0], states):
