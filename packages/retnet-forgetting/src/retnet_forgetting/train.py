@@ -236,9 +236,11 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
     model, _ = load_retnet_model(model_cfg, device=cfg["device"], dtype=torch.float32,
                                  implementation=cfg["implementation"], tokenizer=False)
     model.train()
-    log.info("train-tiny: %s RetNet, %d layers x %d heads, %.2fM parameters on %s",
-             get_model_config(model)["implementation"], model_cfg.num_hidden_layers, model_cfg.num_heads,
-             sum(p.numel() for p in model.parameters()) / 1e6, next(model.parameters()).device)
+    implementation = get_model_config(model)["implementation"]
+    num_parameters = sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    log.info("train-tiny: %s RetNet, %d layers x %d heads, %.2fM parameters on %s", implementation,
+             model_cfg.num_hidden_layers, model_cfg.num_heads, num_parameters / 1e6, device)
     started = time.perf_counter()
     df = generate_recall_dataset(RecallConfig(**cfg["dataset"]), tokenizer)
     train_rows, val_rows = df[df["split"] == "train"], df[df["split"] != "train"]
@@ -274,9 +276,7 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
     summary = {"metrics": metrics, "steps": trainer.step, "interrupted": interrupted,
                "wall_s": round(time.perf_counter() - started, 1),
                "train_s": round(trainer._elapsed, 1),
-               "num_parameters": sum(p.numel() for p in model.parameters()),
-               "implementation": get_model_config(model)["implementation"],
-               "device": str(next(model.parameters()).device),
+               "num_parameters": num_parameters, "implementation": implementation, "device": str(device),
                "config": cfg}
     atomic_write_json(out / "train_summary.json", summary)
     return model_dir
