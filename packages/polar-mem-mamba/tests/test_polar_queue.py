@@ -99,6 +99,25 @@ def test_queue_worker_trains_every_run_once_and_resumes(tmp_path):
     assert run_queue(path, only=only) == [configs[1].run_name]
 
 
+
+def test_a_worker_stops_at_a_cuda_fault_and_leaves_its_runs_queued(tmp_path, monkeypatch):
+    """A sticky CUDA error poisons the process: the worker stops instead of failing every later group."""
+    import polar_mem_mamba.lockstep as lockstep
+
+    calls = []
+
+    def broken(configs, graphs=True):
+        calls.append([c.run_name for c in configs])
+        raise RuntimeError("CUDA error: an illegal instruction was encountered")
+
+    monkeypatch.setattr(lockstep, "train_lockstep", broken)
+    path = _sweep(tmp_path)
+    assert run_queue(path, only=["num_pairs=4"], group_size=1) == []
+    assert len(calls) == 1, "the worker went on with a dead CUDA context"
+    _, configs = load_sweep(path, only=["num_pairs=4"])
+    assert all(Claim.take(c) is not None for c in configs), "its claims were not released"
+
+
 def test_two_worker_processes_share_a_sweep_without_training_a_run_twice(tmp_path):
     path = _sweep(tmp_path, max_steps=1, warmup_steps=0)
     csv_path = run_workers(path, workers=2, group_size=1, only=["num_pairs=4"])

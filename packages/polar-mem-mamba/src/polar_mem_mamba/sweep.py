@@ -127,6 +127,14 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), only: Sequence[st
     return write_reports(out_dir, configs)
 
 
+def _is_device_fault(exc: BaseException) -> bool:
+    """A sticky CUDA error (illegal instruction or address, ...): the process cannot use the GPU again."""
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or "CUDA error" in str(exc)
+
+
 def run_queue(path: str | Path, overrides: Sequence[str] = (), only: Sequence[str] = (),
               group_size: int = 16, graphs: bool = True, time_limit: float | None = None,
               out_dir: str | Path | None = None) -> list[str]:
@@ -179,6 +187,9 @@ def run_queue(path: str | Path, overrides: Sequence[str] = (), only: Sequence[st
                 finished.append(claim.config.run_name)
         except Exception as exc:  # noqa: BLE001 - keep the worker alive for the other groups
             log.error("seqmem: worker %d: group %s failed: %s", os.getpid(), names, exc)
+            if _is_device_fault(exc):  # the CUDA context is gone: every later group would fail too
+                log.error("seqmem: worker %d: stopping; its unfinished runs stay in the queue", os.getpid())
+                break
             failed.update(n for n in names if n not in finished)
         finally:
             for claim in claims:
