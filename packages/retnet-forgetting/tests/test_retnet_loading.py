@@ -28,6 +28,24 @@ def test_local_directory_loads_in_bf16(tmp_path):
     torch.testing.assert_close(model.lm_head.weight, src.lm_head.weight.to(torch.bfloat16))
 
 
+
+def test_backend_sets_the_reference_models_retention_kernels(tmp_path):
+    """``backend`` reaches every forward that names none: 'fla' on CPU tensors fails, 'torch' == default."""
+    ids = torch.randint(0, 64, (2, 9))
+    model, _ = load_retnet_model(RetNetConfig(**TINY), device="cpu", dtype=torch.float32)
+    torch.manual_seed(0)
+    RetNetForCausalLM(RetNetConfig(**TINY)).save_pretrained(tmp_path)
+    forced, _ = load_retnet_model(tmp_path, device="cpu", dtype=torch.float32, backend="torch")
+    assert forced.retention_backend == "torch" and model.retention_backend == "auto"
+    reference, _ = load_retnet_model(tmp_path, device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(forced(ids).logits, reference(ids).logits)
+    fla, _ = load_retnet_model(tmp_path, device="cpu", dtype=torch.float32, backend="fla")
+    with pytest.raises((RuntimeError, ValueError)):
+        fla(ids)
+    with pytest.raises(ValueError, match="backend='triton': expected one of"):
+        load_retnet_model(RetNetConfig(**TINY), device="cpu", backend="triton")
+
+
 def test_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_retnet_model(tmp_path, device="cpu")

@@ -23,19 +23,25 @@ log = logging.getLogger("seqmem.retnet")
 
 DEFAULT_MODEL = "fla-hub/retnet-2.7B-100B"
 IMPLEMENTATIONS = ("auto", "fla", "reference")
+BACKENDS = ("auto", "torch", "fla")
 
 
 def load_retnet_model(name_or_path: str | Path | RetNetConfig | dict = DEFAULT_MODEL,
                       device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
-                      implementation: str = "auto", tokenizer: bool = True) -> tuple[nn.Module, Any]:
+                      implementation: str = "auto", tokenizer: bool = True,
+                      backend: str = "auto") -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer or None).
 
     ``implementation``: ``"fla"`` (fla's ``RetNetForCausalLM``; needs fla and, to run, CUDA),
     ``"reference"`` (this package's pure-PyTorch model) or ``"auto"`` (fla when importable and the device
     is CUDA). ``device`` defaults to CUDA when available. A config builds randomly initialized weights.
+    ``backend``: the reference model's retention kernels (``"auto"``: fla's on CUDA; ``"torch"``: PyTorch
+    only, no Triton compilation; ``"fla"``); fla's own model takes only ``"auto"``.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     use_fla = implementation == "fla" or (implementation == "auto" and device.type == "cuda"
                                           and optional_import("fla.models", "RetNet models") is not None)
@@ -48,7 +54,7 @@ def load_retnet_model(name_or_path: str | Path | RetNetConfig | dict = DEFAULT_M
                   else RetNetConfig.from_dict(name_or_path))
         with torch.device(device):  # initialize where the model will live (2.7B: 11 GB in fp32)
             model = _fla_from_config(config) if use_fla else RetNetForCausalLM(config)
-        return model.to(dtype=dtype).eval(), None
+        return _with_backend(model.to(dtype=dtype).eval(), backend), None
 
     path = _local_dir(str(name_or_path))
     config = RetNetConfig.from_pretrained(path)
@@ -63,11 +69,21 @@ def load_retnet_model(name_or_path: str | Path | RetNetConfig | dict = DEFAULT_M
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **{key: dtype})
     else:
         model = RetNetForCausalLM.from_pretrained(path, dtype=dtype)
-    model = model.to(device).eval()
+    model = _with_backend(model.to(device).eval(), backend)
     tok = _tokenizer(path) if tokenizer else None
     log.info("loaded %s (%s, %.2fM parameters) on %s", name_or_path, type(model).__module__,
              sum(p.numel() for p in model.parameters()) / 1e6, device)
     return model, tok
+
+
+def _with_backend(model: nn.Module, backend: str) -> nn.Module:
+    if backend == "auto":
+        return model
+    if not isinstance(model, RetNetForCausalLM):
+        raise ValueError(f"backend={backend!r}: expected 'auto' for fla's model (other backends need "
+                         "implementation='reference')")
+    model.retention_backend = backend
+    return model
 
 
 def verify_2_7b_config(config: RetNetConfig) -> None:

@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "out_dir": "outputs/retnet-forgetting",
     "tokenizer": "gpt2",
     "model": {"name_or_path": None, "config": None, "dtype": "bfloat16", "implementation": "auto",
-              "device": None},
+              "backend": "auto", "device": None},
     "dataset": {},
     "extraction": {"batch_size": 8, "layers": None, "derotate": True, "shard_rows": 256, "dtype": "float16",
                    "readout": True, "backend": "auto",
@@ -46,7 +46,8 @@ DEFAULTS: dict[str, Any] = {
                "logistic": {"max_steps": 300, "lr": 1e-2, "weight_decay": 1e-3}},
 }
 """``extraction.backend``: the extractor's kernels (``"auto"``: fla and Triton for CUDA tensors;
-``"torch"``: the PyTorch reference everywhere). ``probes.model_answer``: also score the model's own answer
+``"torch"``: the PyTorch reference everywhere); ``model.backend`` the same for the model's own forward passes
+(:func:`~retnet_forgetting.loading.load_retnet_model`). ``probes.model_answer``: also score the model's own answer
 (its argmax at the query) per lag, as the curve ``model_answer`` (layer and head -1)."""
 
 
@@ -164,7 +165,7 @@ def build_model(cfg: dict[str, Any], tokenizer: Any) -> torch.nn.Module:
                              f"{tokenizer.vocab_size}")
     torch.manual_seed(0)
     model, _ = load_retnet_model(source, device=m["device"], dtype=dtype, implementation=m["implementation"],
-                                 tokenizer=False)
+                                 tokenizer=False, backend=m["backend"])
     return model
 
 

@@ -34,6 +34,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "tokenizer": "bytes",
     "device": None,
     "implementation": "auto",
+    "backend": "auto",
     "model": {"hidden_size": 128, "num_hidden_layers": 2, "num_heads": 4, "vocab_size": 259},
     "dataset": {"num_sequences": 4000, "lags": [16, 32, 64, 128, 256], "filler": "random", "num_names": 200,
                 "num_values": 10, "max_prefix_tokens": 16},
@@ -234,7 +235,8 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size}: expected >= {tokenizer.vocab_size}")
     torch.manual_seed(0)
     model, _ = load_retnet_model(model_cfg, device=cfg["device"], dtype=torch.float32,
-                                 implementation=cfg["implementation"], tokenizer=False)
+                                 implementation=cfg["implementation"], tokenizer=False,
+                                 backend=cfg["backend"])
     model.train()
     implementation = get_model_config(model)["implementation"]
     num_parameters = sum(p.numel() for p in model.parameters())

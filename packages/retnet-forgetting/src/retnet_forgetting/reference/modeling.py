@@ -97,7 +97,11 @@ class RetNetModel(nn.Module):
 
 
 class RetNetForCausalLM(nn.Module):
-    """RetNet language model; ``state_dict()`` keys equal fla's ``RetNetForCausalLM``."""
+    """RetNet language model; ``state_dict()`` keys equal fla's ``RetNetForCausalLM``.
+
+    ``retention_backend`` is the retention kernels' backend of :meth:`forward` calls that name none."""
+
+    retention_backend = "auto"
 
     def __init__(self, config: RetNetConfig):
         super().__init__()
@@ -130,10 +134,10 @@ class RetNetForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, states: list[torch.Tensor] | None = None,
                 use_cache: bool = False, seqlen_offset: int = 0, output_hidden_states: bool = False,
-                backend: str = "auto") -> RetNetOutput:
+                backend: str | None = None) -> RetNetOutput:
         """Logits ``[B, T, V]``; ``labels [B, T]`` (unshifted, -100 ignored) give the next-token loss."""
         out = self.model(input_ids, attention_mask, states, use_cache, seqlen_offset, output_hidden_states,
-                         backend)
+                         backend or self.retention_backend)
         out.logits = self.lm_head(out.last_hidden_state)
         if labels is not None:
             shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
