@@ -100,6 +100,33 @@ def test_queue_worker_trains_every_run_once_and_resumes(tmp_path):
 
 
 
+
+@pytest.mark.parametrize("group_size, held, expected", [
+    (1, False, [[0], [1], [2]]), (2, False, [[0, 2], [1]]), (1, True, [[1], [2]]), (2, True, [[1], [2]])])
+def test_the_queue_follows_the_sweep_files_order(tmp_path, monkeypatch, group_size, held, expected):
+    """Grids are trained in the order listed, also while another worker holds the first run (a sweep cut
+    short has the first grid everywhere); a group is filled with later runs of its first run's key."""
+    import polar_mem_mamba.lockstep as lockstep
+
+    trained, real = [], lockstep.train_lockstep
+    monkeypatch.setattr(lockstep, "train_lockstep",
+                        lambda configs, graphs=True: trained.append([c.run_name for c in configs])
+                        or real(configs, graphs=graphs))
+    grid = {"d_state": [8], "architecture": ["mamba2"]}
+    sweep = {"out_dir": str(tmp_path / "order"), "base": {**TINY, "max_steps": 1, "warmup_steps": 0},
+             "sweep": [{**grid, "num_pairs": [3, 4], "learning_rate": [1e-3]},
+                       {**grid, "num_pairs": [3], "learning_rate": [3e-3]}]}
+    path = tmp_path / "order.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    _, configs = load_sweep(path)
+    assert [(c.num_pairs, c.learning_rate) for c in configs] == [(3, 1e-3), (4, 1e-3), (3, 3e-3)]
+    other_worker = Claim.take(configs[0]) if held else None
+    run_queue(path, group_size=group_size)
+    if other_worker is not None:
+        other_worker.release()
+    assert trained == [[configs[i].run_name for i in group] for group in expected]
+
+
 def test_a_worker_stops_at_a_cuda_fault_and_leaves_its_runs_queued(tmp_path, monkeypatch):
     """A sticky CUDA error poisons the process: the worker stops instead of failing every later group."""
     import polar_mem_mamba.lockstep as lockstep

@@ -140,10 +140,12 @@ def run_queue(path: str | Path, overrides: Sequence[str] = (), only: Sequence[st
               out_dir: str | Path | None = None) -> list[str]:
     """Be one queue worker of the sweep: claim groups of unfinished runs and train them in lockstep.
 
-    Each round claims up to ``group_size`` unfinished, unclaimed runs of the first group (runs with
-    one :func:`~polar_mem_mamba.lockstep.group_key`, in grid order) that has any, trains them together,
-    evaluates each (``results.json``) and releases them. Stops when nothing is claimable or when
-    another group would likely end after ``time_limit`` seconds (judged by the longest group so far).
+    Each round claims the first unfinished, unclaimed run in the sweep file's order (grids in the order
+    listed, each in grid order) and up to ``group_size - 1`` later ones of its
+    :func:`~polar_mem_mamba.lockstep.group_key`, trains them together, evaluates each (``results.json``)
+    and releases them; so a sweep cut short has trained a prefix of the file's order. Stops when nothing
+    is claimable or when another group would likely end after ``time_limit`` seconds (judged by the
+    longest group so far).
     Returns the names of the runs this worker finished.
     """
     from polar_mem_mamba.claims import Claim
@@ -160,20 +162,17 @@ def run_queue(path: str | Path, overrides: Sequence[str] = (), only: Sequence[st
         if time_limit is not None and time.perf_counter() - start + longest > time_limit:
             log.info("seqmem: worker %d: time limit %.0f s reached; stopping", os.getpid(), time_limit)
             break
-        groups: dict[tuple, list[Config]] = defaultdict(list)
-        for config in configs:
-            if config.run_name not in failed and not is_done(config):
-                groups[group_key(config)].append(config)
         claims: list[Claim] = []
-        for members in groups.values():
-            for config in members:
-                claim = Claim.take(config)
-                if claim is not None:
-                    claims.append(claim)
+        key = None  # the group of the first claimable run, in the sweep file's order
+        for config in configs:
+            if config.run_name in failed or (key is not None and group_key(config) != key):
+                continue
+            claim = Claim.take(config)  # None: finished, or another worker holds it
+            if claim is not None:
+                claims.append(claim)
+                key = group_key(config)
                 if len(claims) == group_size:
                     break
-            if claims:
-                break
         if not claims:
             break
         names = [c.config.run_name for c in claims]
