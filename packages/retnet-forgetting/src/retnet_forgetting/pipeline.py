@@ -46,9 +46,9 @@ DEFAULTS: dict[str, Any] = {
                "logistic": {"max_steps": 300, "lr": 1e-2, "weight_decay": 1e-3}},
 }
 """``extraction.backend``: the extractor's kernels (``"auto"``: fla and Triton for CUDA tensors;
-``"torch"``: the PyTorch reference everywhere); ``model.backend`` the same for the model's own forward passes
-(:func:`~retnet_forgetting.loading.load_retnet_model`). ``probes.model_answer``: also score the model's own answer
-(its argmax at the query) per lag, as the curve ``model_answer`` (layer and head -1)."""
+``"torch"``: the PyTorch reference everywhere); ``model.backend``: the same for the model's own forward
+passes (:func:`~retnet_forgetting.loading.load_retnet_model`). ``probes.model_answer``: also score the
+model's own answer (its argmax at the query) per lag, as the curve ``model_answer`` (layer and head -1)."""
 
 
 def merge_config(user: dict[str, Any]) -> dict[str, Any]:
