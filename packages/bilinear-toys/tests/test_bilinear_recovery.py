@@ -14,6 +14,9 @@ from bilinear_toys.recovery import (
     calibrate_thresholds,
     context_circuit_slices,
     extended_direct_path,
+    filler_circuit_slices,
+    filler_contexts,
+    robust_z,
     rule_losses,
     skip_trigram_recovery,
 )
@@ -45,6 +48,33 @@ def test_bigrams_written_into_the_weights_are_recovered():
     assert rec["precision"] == 1.0 and rec["recall"] == 1.0 and rec["recall_at_k"] == 1.0
 
 
+def test_robust_z_is_not_compressed_by_one_extreme_score():
+    """A single score 10^8 times the others (t2's (BOS, BOS) row) must not set the MAD floor."""
+    scores = torch.cat([torch.linspace(-1.0, 1.0, 101), torch.tensor([20.0, 1e8])])
+    z = robust_z(scores)
+    assert z[-2] > 6 * 4 and z[:101].abs().max() < 2  # 20 is ~40 MADs out; before: z 1e-4
+
+
+def test_bigrams_survive_a_degenerate_bos_row():
+    """The BOS row (context (BOS, BOS), outside the data) extrapolated to huge logits used to set the MAD
+    floor of the z-scores and fill recall@k: it is not scored now."""
+    model = _one_hot_model()
+    planted = [(1, 5), (2, 7), (3, 3)]
+    with torch.no_grad():
+        for a, b in planted:
+            model.unembed.weight[b, a] += 10.0
+        model.unembed.weight[4, 0] = 1e8  # (BOS, BOS) -> token 4 at logit 10^8
+    rec = bigram_recovery(model, planted)
+    assert all(a != 0 for a, _ in rec["candidates"])
+    assert rec["precision"] == 1.0 and rec["recall"] == 1.0 and rec["recall_at_k"] == 1.0
+
+
+def test_filler_contexts_are_seeded_uniform_tokens_without_bos():
+    a, b = filler_contexts(40, 64, 16, seed=3), filler_contexts(40, 64, 16, seed=3)
+    assert a.shape == (64, 16) and torch.equal(a, b) and not torch.equal(a, filler_contexts(40, 64, 16))
+    assert int(a.min()) >= 1 and int(a.max()) == 39 and len(a.unique()) == 39
+
+
 def test_bigrams_through_self_attention_are_recovered():
     """Tied embeddings make W_E W_U symmetric; a head attending to the current token carries the bigram."""
     model = _one_hot_model()
@@ -72,9 +102,10 @@ def test_skip_trigrams_written_into_the_weights_are_recovered():
         attn.k.weight.copy_(qk)  # k = W_K x: rows indexed by the query's coordinates
         attn.v.weight.copy_(torch.eye(V))
         attn.o.weight.copy_(ov.T)
-    rec = skip_trigram_recovery(model, planted, max_offset=4)
-    assert rec["recall"] == 1.0 and rec["precision"] == 1.0 and rec["recall_at_k"] == 1.0
-    assert skip_trigram_recovery(model, [(1, 2, 7)], max_offset=4)["recall"] == 0.0
+    for circuit in ("filler", "minimal", "paths"):
+        rec = skip_trigram_recovery(model, planted, max_offset=4, circuit=circuit)
+        assert rec["recall"] == 1.0 and rec["precision"] == 1.0 and rec["recall_at_k"] == 1.0, circuit
+        assert skip_trigram_recovery(model, [(1, 2, 7)], max_offset=4, circuit=circuit)["recall"] == 0.0
 
 
 def test_calibrated_thresholds_separate_or_maximize_f1():
@@ -121,6 +152,22 @@ def test_context_circuit_equals_the_full_circuit_for_one_layer():
         torch.testing.assert_close(net.double(), paths, rtol=1e-5, atol=1e-5 * paths.abs().max().item())
 
 
+def test_filler_circuit_equals_the_full_circuit_for_one_attention_layer():
+    """In one attention layer the token at the key position enters the logits only through the query's
+    attention to it: centered over that token, the circuit read in any filler context is the full
+    circuit at the context's offset (RoPE on), whatever the other tokens."""
+    torch.manual_seed(0)
+    m = ToyTransformer(ModelConfig("attention_only_1L", vocab_size=11, d_model=8, n_head=2, n_ctx=8)).double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.4)
+    contexts = filler_contexts(11, 2, 4, seed=1)
+    net = torch.cat([t for _, t in filler_circuit_slices(m, contexts, [1, 3], dst_chunk=4)]).double()
+    paths = torch.cat([t for _, t in C.full_circuit_slices(m, offsets=[1, 3])])
+    net, paths = net - net.mean(1, keepdim=True), paths - paths.mean(1, keepdim=True)
+    assert paths.abs().max() > 0.05
+    torch.testing.assert_close(net, paths, rtol=1e-5, atol=1e-5 * paths.abs().max().item())
+
+
 def test_apply_thresholds_equals_a_recovery_run_at_those_thresholds():
     from bilinear_toys.recovery import apply_thresholds, rule_recovery
 
@@ -133,10 +180,11 @@ def test_apply_thresholds_equals_a_recovery_run_at_those_thresholds():
             p.add_(0.3 * torch.randn_like(p))  # non-zero output projections
     rules = lang.rules.to_dict()
     base = rule_recovery(model, rules, max_offset=2)
+    assert torch.equal(torch.tensor(base["skip_trigrams"]["contexts"]), filler_contexts(40, 2, 2))
     # the skip-trigram scan leaves out the bigram sources detected at the bigram threshold of the stored
     # run: compare the skip-trigrams at an unchanged bigram threshold
     for thr, keys in (({"bigrams": 1.0, "previous_token": 1.0, "induction": 0.0}, ("bigrams",)),
-                      ({"skip_trigrams": 2.0}, ("skip_trigrams",))):
+                      ({"skip_trigrams": 0.7}, ("skip_trigrams",))):
         direct = rule_recovery(model, rules, max_offset=2, thresholds=thr)
         redone = apply_thresholds(base, thr)
         for key in keys:

@@ -1,9 +1,12 @@
 """Scoring weight-based circuit detections against a synthetic language's planted rules.
 
-Detections use only the weights (no forward pass on data): bigrams from the next-token logits of a
-one-token context, skip-trigrams from the full 1-layer circuit (attention and, with ``include_mlp``, the
-bilinear MLP reading the attention output) averaged over key offsets, previous-token and induction heads
-from :mod:`bilinear_toys.circuits`.
+Detections use only the weights (no forward pass on data): bigrams from the next-token logits of the
+one-token context ``(BOS, a)``, skip-trigrams from the whole model's circuit read in contexts of uniform
+random tokens (:func:`filler_contexts`: a seed, not data) into which ``A`` is written at key offsets
+1..max_offset before the current token ``B``, previous-token and induction heads from
+:mod:`bilinear_toys.circuits`. Besides the weights a detector sees the vocabulary size, the BOS id (every
+sequence starts with it and holds it nowhere else) and ``max_offset``; never the rules, the token roles
+(fillers, brackets) or sequences of the language.
 
 **Criterion.** Per current token the detector keeps its strongest candidate (the next token for bigrams,
 the (A, C) pair for skip-trigrams) and gives it a robust z-score against the strongest candidates of all
@@ -47,9 +50,12 @@ def extended_direct_path(model: ToyTransformer, prefix: tuple[int, ...] = ()) ->
 
 
 def robust_z(scores: torch.Tensor) -> torch.Tensor:
-    """``(scores - median) / (1.4826 MAD)``: z-scores that the outliers being sought do not inflate."""
+    """``(scores - median) / (1.4826 MAD)``: z-scores that the outliers being sought do not inflate. The
+    MAD's floor (all-equal scores: no blow-up) is relative to the median magnitude, not the maximum, so
+    that one extreme score cannot compress the others' z."""
     med = scores.median()
-    floor = 1e-6 * float(scores[scores.isfinite()].abs().max().clamp_min(1e-12))  # all-equal rows: no blow-up
+    finite = scores[scores.isfinite()].abs()
+    floor = 1e-6 * float(finite.median().clamp_min(1e-12)) if finite.numel() else 1e-12
     mad = (scores - med).abs().median().clamp_min(floor) * 1.4826
     return (scores - med) / mad
 
@@ -75,14 +81,19 @@ def _score(candidates: list[tuple], z: torch.Tensor, planted: set, threshold: fl
 
 def bigram_recovery(model: ToyTransformer, bigrams: list, threshold: float | None = None,
                     prefix: tuple[int, ...] = (0,)) -> dict[str, Any]:
-    """Planted ``(a, b)`` vs the strongest next token of each current token in the row-centered
-    :func:`extended_direct_path` after ``prefix`` (the synthetic language's BOS)."""
+    """Planted ``(a, b)`` vs the strongest next token of each current token ``a`` in the row-centered
+    :func:`extended_direct_path` after ``prefix`` (the synthetic language's BOS): the context
+    ``(BOS, a)`` is the data's own at position 1, where nothing but ``a`` can trigger a rule. The
+    ``prefix`` tokens are no current tokens (``(BOS, BOS)`` is outside the data, and a polynomial model
+    may extrapolate it to logits that would dominate the scores)."""
     d = extended_direct_path(model, prefix).float().cpu()
-    s = d - d.mean(dim=1, keepdim=True)
+    rows = torch.tensor([a for a in range(d.shape[0]) if a not in prefix], dtype=torch.long)
+    s = d[rows] - d[rows].mean(dim=1, keepdim=True)
     best, nxt = s.max(dim=1)
-    candidates = [(a, int(nxt[a])) for a in range(len(best))]
+    candidates = [(int(a), int(b)) for a, b in zip(rows, nxt)]
     planted = {tuple(map(int, x)) for x in bigrams}
-    top = {divmod(int(i), s.shape[1]) for i in s.flatten().topk(len(planted)).indices} if planted else set()
+    top = {(int(rows[int(i) // s.shape[1]]), int(i) % s.shape[1])
+           for i in s.flatten().topk(len(planted)).indices} if planted else set()
     thr = DEFAULT_THRESHOLDS["bigrams"] if threshold is None else threshold
     return _score(candidates, robust_z(best), planted, thr, top)
 
@@ -128,18 +139,67 @@ def context_circuit_slices(model: ToyTransformer, offsets: range | list[int] = r
         yield ids, total / len(offsets)
 
 
+def filler_contexts(vocab_size: int, n: int, length: int, seed: int = 0, exclude: tuple[int, ...] = (0,)
+                    ) -> torch.Tensor:
+    """[n, length] uniform random tokens, none of them in ``exclude`` (the BOS, which a sequence holds
+    only at its start): contexts of real tokens in which :func:`filler_circuit_slices` reads the
+    circuit. A function of ``seed`` alone: no data, no rule, not even the model."""
+    allowed = torch.tensor([t for t in range(vocab_size) if t not in exclude], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    return allowed[torch.randint(len(allowed), (n, length), generator=g)]
+
+
+@torch.no_grad()
+def filler_circuit_slices(model: ToyTransformer, contexts: torch.Tensor, offsets: range | list[int],
+                          prefix: tuple[int, ...] = (0,), dst_chunk: int = 8, batch: int = 4096
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(dst_ids [n], T[n, V(src), V(out)])``: the whole model's skip-trigram circuit read in the
+    token ``contexts`` [m, K] (e.g. :func:`filler_contexts`), context ``i`` at key offset
+    ``delta_i = offsets[i % len(offsets)]`` (``<= K``):
+
+    ``T[B, A, C] = mean_i logits(prefix, c_i with c_i[K - delta_i] := A, B)[C]``
+
+    i.e. ``A`` written ``delta_i`` positions before the current token ``B`` into a context of real
+    tokens; centered over ``A`` it is the effect of having ``A`` there instead of another token."""
+    C._common.require_polynomial(model, "filler_circuit_slices")
+    v, device = model.config.vocab_size, model.W_E.device
+    m, k = contexts.shape
+    deltas = torch.tensor([offsets[i % len(offsets)] for i in range(m)], device=device)
+    if int(deltas.max()) > k:
+        raise ValueError(f"contexts: expected >= {int(deltas.max())} tokens (the largest offset), got {k}")
+    pre = torch.tensor(prefix, dtype=torch.long, device=device)
+    base = torch.cat([pre.expand(m, -1), contexts.to(device)], 1)  # [m, P + K]
+    src = torch.arange(v, device=device)
+    rows = torch.arange(m, device=device)
+    for start in range(0, v, dst_chunk):
+        ids = torch.arange(start, min(start + dst_chunk, v), device=device)
+        tokens = base[:, None].repeat(1, v, 1)  # [m, A, P + K]
+        tokens[rows, :, len(pre) + k - deltas] = src
+        tokens = torch.cat([tokens[None].expand(len(ids), -1, -1, -1),
+                            ids[:, None, None, None].expand(-1, m, v, 1)], -1).flatten(0, 2)
+        out = torch.cat([model(t)[:, -1].float() for t in tokens.split(batch)])
+        yield ids, out.view(len(ids), m, v, v).mean(1)
+
+
 def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset: int = 16,
                           threshold: float | None = None, dst_chunk: int = 32,
                           exclude_src: tuple[int, ...] = (0,), include_mlp: bool = True,
                           exclude_dst: set[int] | frozenset = frozenset(),
-                          circuit: str = "network") -> dict[str, Any]:
+                          circuit: str = "filler", contexts: torch.Tensor | None = None
+                          ) -> dict[str, Any]:
     """Planted ``(A, B, C)`` vs entries ``T[dst=B, src=A, out=C]`` of an offset-averaged circuit, centered
     over ``src`` (effects of ``B`` alone) and then over ``dst`` (effects of ``A`` alone, e.g. the bigram of
     ``A`` leaking through a previous-token head): what remains is the interaction of ``A`` and ``B``. The
-    V^3 circuit is held on the CPU (8 MiB at V = 128). ``circuit="network"``:
-    :func:`context_circuit_slices` (the whole model, composition included). ``circuit="paths"``: the full
-    circuit of each layer's heads reading the token embeddings (direct paths, no composition), with each
-    block's MLP path (``include_mlp``), summed over layers.
+    V^3 circuit is held on the CPU (8 MiB at V = 128).
+
+    ``circuit="filler"``: :func:`filler_circuit_slices`, the whole model (composition included) read in
+    ``contexts`` [m, K >= max_offset] of real tokens, by default ``max_offset`` contexts of ``max_offset``
+    uniform tokens (:func:`filler_contexts`, seed 0), one per key offset 1..max_offset.
+    ``circuit="minimal"``: :func:`context_circuit_slices`, the whole model on minimal contexts (BOS, A,
+    inert positions, B); a high-degree polynomial (``transformer_2L``) extrapolates those far outside
+    anything it was trained on. ``circuit="paths"``: the full circuit of each layer's heads reading the
+    token embeddings (direct paths, no composition), with each block's MLP path (``include_mlp``), summed
+    over layers.
 
     Excluded as not skip-trigrams: ``C == A`` (copying), ``A == B`` (attending to earlier copies of the
     current token: a bigram path), ``exclude_src`` (the synthetic language's BOS: in every context, so a
@@ -151,14 +211,19 @@ def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset
     v = model.config.vocab_size
     planted = {tuple(map(int, x)) for x in skip_trigrams}
     k = max(len(planted), 1)
-    if circuit not in ("network", "paths"):
-        raise ValueError(f"circuit={circuit!r}: expected 'network' or 'paths'")
-    if circuit == "network":
+    if circuit == "filler":
+        if contexts is None:
+            contexts = filler_contexts(v, max_offset, max_offset, exclude=exclude_src)
+        layers = [filler_circuit_slices(model, contexts, offsets, prefix=tuple(exclude_src),
+                                        dst_chunk=dst_chunk)]
+    elif circuit == "minimal":
         layers = [context_circuit_slices(model, offsets, prefix=tuple(exclude_src), dst_chunk=dst_chunk)]
-    else:
+    elif circuit == "paths":
         layers = [C.full_circuit_slices(model, offsets=offsets, dst_chunk=dst_chunk, layer=layer,
                                         include_mlp=include_mlp, context=exclude_src)
                   for layer in range(model.config.n_layers)]
+    else:
+        raise ValueError(f"circuit={circuit!r}: expected 'filler', 'minimal' or 'paths'")
     parts = [(slices[0][0].cpu(), sum(t for _, t in slices).float().cpu()) for slices in zip(*layers)]
     parts = [(ids, t - t.mean(dim=1, keepdim=True)) for ids, t in parts]  # [dst, src, out]: center over src
     live = [ids for ids, _ in parts if ids.numel()]
@@ -183,7 +248,10 @@ def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset
         top_keys += [(int(i) % (v * v) // v, int(ids[int(i) // (v * v)]), int(i) % v) for i in idx]
     top = {top_keys[i] for i in top_vals.topk(min(k, len(top_keys))).indices.tolist()}
     thr = DEFAULT_THRESHOLDS["skip_trigrams"] if threshold is None else threshold
-    return _score(candidates, robust_z(torch.cat(bests)), planted, thr, top if planted else set())
+    out = _score(candidates, robust_z(torch.cat(bests)), planted, thr, top if planted else set())
+    if circuit == "filler":
+        out["contexts"] = contexts.tolist()  # all that the detector saw besides the weights
+    return out
 
 
 def head_recovery(model: ToyTransformer, thresholds: dict[str, float] | None = None,
@@ -256,7 +324,7 @@ def rule_recovery(model: ToyTransformer, rules: dict[str, Any], max_offset: int 
     out: dict[str, Any] = {"bigrams": bigram_recovery(model, rules.get("bigrams", []), thr["bigrams"])}
     if rules.get("skip_trigrams"):
         sources = {int(b) for b, _ in out["bigrams"]["detected"]}
-        for key, circuit in (("skip_trigrams", "network"), ("skip_trigrams_direct_paths", "paths")):
+        for key, circuit in (("skip_trigrams", "filler"), ("skip_trigrams_direct_paths", "paths")):
             out[key] = skip_trigram_recovery(model, rules["skip_trigrams"], max_offset,
                                              thr["skip_trigrams"], exclude_dst=sources, circuit=circuit)
     out["heads"] = head_recovery(model, thr, max_offset=max_offset)
