@@ -108,6 +108,27 @@ def test_skip_trigrams_written_into_the_weights_are_recovered():
         assert skip_trigram_recovery(model, [(1, 2, 7)], max_offset=4, circuit=circuit)["recall"] == 0.0
 
 
+def test_skip_trigrams_survive_a_degenerate_bos_source():
+    """BOS written at the key position (outside the data: a sequence holds BOS only at its start) with
+    huge logits must not enter the centering over sources, which it used to swamp."""
+    model = _one_hot_model()
+    planted = [(1, 2, 6), (3, 4, 8), (5, 10, 11)]
+    attn = model.blocks[0].attn
+    qk, ov = torch.zeros(V, V), torch.zeros(V, V)
+    for a, b, c in planted:
+        qk[b, a], ov[a, c] = 3.0 * V, 1.0
+    qk[:, 0] = torch.linspace(1.0, 3.0, V) * V  # every token attends to BOS, each by its own weight ...
+    ov[0] = 1e6 * torch.randn(V, generator=torch.Generator().manual_seed(0))  # ... which writes huge logits
+    with torch.no_grad():
+        attn.q.weight.copy_(torch.eye(V))
+        attn.k.weight.copy_(qk)
+        attn.v.weight.copy_(torch.eye(V))
+        attn.o.weight.copy_(ov.T)
+    for circuit in ("filler", "minimal"):
+        rec = skip_trigram_recovery(model, planted, max_offset=4, circuit=circuit)
+        assert rec["recall"] == 1.0 and rec["precision"] == 1.0 and rec["recall_at_k"] == 1.0, circuit
+
+
 def test_calibrated_thresholds_separate_or_maximize_f1():
     rec = {"bigrams": {"z_planted": [20.0, 30.0], "z_max_other": 4.0, "z_other_top": [4.0, 2.0]},
            "skip_trigrams": {"z_planted": [8.0, 12.0, 15.0], "z_max_other": 10.0,

@@ -1,7 +1,7 @@
 """Which part of a sweep model breaks CUDA-graph replay? Captures pieces of increasing size (the SSD
 reference, the short convolution, one Mamba-2 mixer, one BiMamba block, the encoder, the decoder, the
-whole model, then a lockstep training step with AdamW) each as forward + backward in a CUDA graph, in
-its own subprocess (a sticky CUDA error such as "illegal instruction" ends the process), replays it
+whole model, a lockstep training step with AdamW, then a lockstep group: several runs of the grid side
+by side, one graph and stream each) each as forward + backward in a CUDA graph, in its own subprocess (a sticky CUDA error such as "illegal instruction" ends the process), replays it
 and compares the loss and gradients with the eager ones. Prints one JSON line per probe and a summary.
 
     python packages/polar-mem-mamba/bench/diagnose_graphs.py \\
@@ -40,6 +40,13 @@ def _config(args: argparse.Namespace) -> Config:
     if not configs:
         raise SystemExit(f"--config {args.config}: no run with {', '.join(only)}")
     return configs[0].replace(batch_size=args.batch_size)
+
+
+def _group(args: argparse.Namespace) -> list[Config]:
+    """The first ``--group-size`` runs of the grid at ``--num-pairs`` and ``--d-state`` (every
+    architecture and learning rate there), as a queue worker would train them in lockstep."""
+    _, configs = load_sweep(args.config, [], [f"num_pairs={args.num_pairs}", f"d_state={args.d_state}"])
+    return [c.replace(batch_size=args.batch_size) for c in configs[:args.group_size]]
 
 
 def _leaf(*shape: int, device: torch.device) -> torch.Tensor:
@@ -108,11 +115,14 @@ def _zero(tensors: list[torch.Tensor]) -> None:
         t.grad = None
 
 
-def run_probe(name: str, config: Config) -> dict:
-    """Eager step, then (on CUDA) capture + 3 replays; the largest |graph - eager| over loss and grads."""
+def run_probe(name: str, config: Config, group: list[Config] | None = None) -> dict:
+    """Eager step, then (on CUDA) capture + 3 replays; the largest |graph - eager| over loss and grads.
+    ``lockstep_group`` trains ``group`` (default: ``config`` alone) side by side."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "lockstep_step":
-        return _lockstep_probe(config, device)
+        return _lockstep_probe([config], device)
+    if name == "lockstep_group":
+        return _lockstep_probe(group or [config], device)
     step, tensors = _probes(config, device)[name]
     if device.type != "cuda":
         _zero(tensors)
@@ -138,21 +148,25 @@ def run_probe(name: str, config: Config) -> dict:
     return {"probe": name, "eager_loss": float(eager), "graph": "ok", "max_abs_diff": max(diffs)}
 
 
-def _lockstep_probe(config: Config, device: torch.device) -> dict:
-    """Two runs of the real lockstep loop (3 eager steps, capture, replays), graphs vs eager."""
+def _lockstep_probe(configs: list[Config], device: torch.device) -> dict:
+    """The real lockstep loop (3 eager steps, capture, replays on one stream per run) for ``configs``
+    trained together, graphs vs eager: the largest difference of a run's final training loss."""
     from polar_mem_mamba.lockstep import train_lockstep
 
     losses = {}
     for graphs in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = config.replace(out_dir=tmp, max_steps=8, log_every=8, eval_every=0, warmup_steps=0)
-            (_, metrics), = train_lockstep([cfg], device=device, graphs=graphs)
-            losses[graphs] = metrics["loss"]
-    return {"probe": "lockstep_step", "eager_loss": losses[False], "graph": "ok" if device.type == "cuda"
-            else "skipped (no CUDA)", "max_abs_diff": abs(losses[True] - losses[False])}
+            cfgs = [c.replace(out_dir=tmp, run_name=f"{i}", max_steps=8, log_every=8, eval_every=0,
+                              warmup_steps=0) for i, c in enumerate(configs)]
+            losses[graphs] = [m["loss"] for _, m in train_lockstep(cfgs, device=device, graphs=graphs)]
+    return {"probe": "lockstep_group" if len(configs) > 1 else "lockstep_step", "runs": len(configs),
+            "architectures": sorted({c.architecture for c in configs}), "eager_loss": losses[False][0],
+            "graph": "ok" if device.type == "cuda" else "skipped (no CUDA)",
+            "max_abs_diff": max(abs(a - b) for a, b in zip(losses[True], losses[False]))}
 
 
-PROBES = ("ssd", "conv", "mamba2_mixer", "bimamba_block", "encoder", "decoder", "model", "lockstep_step")
+PROBES = ("ssd", "conv", "mamba2_mixer", "bimamba_block", "encoder", "decoder", "model", "lockstep_step",
+          "lockstep_group")
 
 
 def main() -> None:
@@ -162,12 +176,14 @@ def main() -> None:
     parser.add_argument("--num-pairs", type=int, default=32)
     parser.add_argument("--d-state", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--group-size", type=int, default=8, help="runs in the lockstep_group probe")
     parser.add_argument("--probe", choices=PROBES, help="run this probe here (default: each in a subprocess)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per probe subprocess")
     args = parser.parse_args()
     config = _config(args)
     if args.probe:
-        print(json.dumps(run_probe(args.probe, config)), flush=True)
+        group = _group(args) if args.probe == "lockstep_group" else None
+        print(json.dumps(run_probe(args.probe, config, group)), flush=True)
         return
     results = []
     for name in PROBES:

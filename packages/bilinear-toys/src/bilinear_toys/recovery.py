@@ -204,9 +204,10 @@ def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset
     Excluded as not skip-trigrams: ``C == A`` (copying), ``A == B`` (attending to earlier copies of the
     current token: a bigram path), ``exclude_src`` (the synthetic language's BOS: in every context, so a
     constant, which the MLP path takes as part of every context; never a current token with a context,
-    never predicted) and ``exclude_dst``: current tokens whose next token is already certain (sources of
-    bigrams detected in the weights): training never constrains their other logits, which hold A-B
-    interactions that mean nothing."""
+    never predicted, never a source: it stays out of the centering over ``src`` too) and
+    ``exclude_dst``: current tokens whose next token is already certain (sources of bigrams detected in
+    the weights): training never constrains their other logits, which hold A-B interactions that mean
+    nothing."""
     offsets = range(1, max_offset + 1)
     v = model.config.vocab_size
     planted = {tuple(map(int, x)) for x in skip_trigrams}
@@ -225,7 +226,10 @@ def skip_trigram_recovery(model: ToyTransformer, skip_trigrams: list, max_offset
     else:
         raise ValueError(f"circuit={circuit!r}: expected 'filler', 'minimal' or 'paths'")
     parts = [(slices[0][0].cpu(), sum(t for _, t in slices).float().cpu()) for slices in zip(*layers)]
-    parts = [(ids, t - t.mean(dim=1, keepdim=True)) for ids, t in parts]  # [dst, src, out]: center over src
+    # [dst, src, out]: center over the sources a context can hold (BOS written mid-context is outside the
+    # data, and a polynomial model may extrapolate it to logits that would swamp every mean)
+    src_ok = ~torch.isin(torch.arange(v), torch.tensor(exclude_src, dtype=torch.long))
+    parts = [(ids, t - t[:, src_ok].mean(dim=1, keepdim=True)) for ids, t in parts]
     live = [ids for ids, _ in parts if ids.numel()]
     skip = torch.tensor(sorted({*exclude_src, *exclude_dst}), dtype=torch.long)
     dst_mean = sum(t[~torch.isin(ids, skip)].sum(0) for ids, t in parts)

@@ -115,10 +115,14 @@ class _Run:
         self.count += 1
 
     def capture(self, batch: Batch) -> None:
-        """Record one whole training step on ``batch`` (static tensors) as a CUDA graph."""
+        """Record one whole training step on ``batch`` (static tensors) as a CUDA graph.
+
+        Captured on the run's own stream, not torch's one default capture stream: cuBLAS workspaces are
+        kept per (handle, stream), so graphs captured on one stream share one workspace, and their
+        concurrent replays on the runs' streams would race on it."""
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self.stream):
             self._body(batch)
         self.graph = graph
 
