@@ -147,6 +147,15 @@ def run_job(job: dict) -> dict:
     return res
 
 
+def run_job_or_error(job: dict) -> dict:
+    """:func:`run_job`, or ``{"job", "error"}`` when it raises: one failed job keeps the others' results."""
+    try:
+        return run_job(job)
+    except Exception as exc:  # noqa: BLE001 - reported in the plan's output, the other jobs go on
+        print(json.dumps({"name": job["name"], "error": f"{type(exc).__name__}: {exc}"[:500]}), flush=True)
+        return {"job": job, "error": f"{type(exc).__name__}: {exc}"}
+
+
 def plateau(curve: list[dict], window: float = 0.3, tol: float = 0.02) -> dict[str, Any]:
     """Whether the validation loss improved by less than ``tol`` nats over the last ``window`` of the
     training time (the curve of :class:`WallClock`)."""
@@ -195,9 +204,9 @@ def main() -> None:
     t0 = time.time()
     if len(jobs) > 1 and not args.smoke:
         with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as ex:
-            results = list(ex.map(run_job, jobs))
+            results = list(ex.map(run_job_or_error, jobs))
     else:
-        results = [run_job(j) for j in jobs]
+        results = [run_job_or_error(j) for j in jobs]
     from seqmem_shared.io import atomic_write_json
 
     summary = summarize(results, args.calibration_seed)

@@ -65,8 +65,11 @@ def recovery_table(results: list[dict], key: str) -> str:
 def main() -> None:
     with open(sys.argv[1]) as f:
         d = json.load(f)
-    res = d["results"]
+    res = [r for r in d["results"] if "error" not in r]
     print(f"device {d['device']}, wall {d['wall_s']} s\n")
+    for r in d["results"]:
+        if "error" in r:
+            print(f"job {r['job']['name']} failed: {r['error']}\n")
     print(reference_table(res), "\n")
     print(fit_table(res), "\n")
     print("Default thresholds (every model):\n")

@@ -87,16 +87,20 @@ def test_fp32_logits_and_final_states_match_fla(pair_fp32, T):
 
 
 def test_final_states_match_fla_cache(pair):
+    """fla's model through our extractor's fla path reproduces its own cache (2e-2); every other pair is
+    a second bf16 implementation, bounded by BF16_TOL (ours, torch, layer 0: 2.2e-2 on an H100,
+    2026-12-07)."""
     ours, theirs = pair
     ids = torch.randint(0, 512, (2, 300), device="cuda")
     with torch.inference_mode():
         cache = theirs(input_ids=ids, use_cache=True).past_key_values
     for model in (ours, theirs):
         for backend in ("torch", "fla"):
+            tol = 2e-2 if model is theirs and backend == "fla" else BF16_TOL
             states = RetNetStateExtractor(model, backend=backend).extract_states(ids)
             for layer in range(3):
                 err = _rel(states[layer], cache[layer]["recurrent_state"])
-                assert err < 2e-2, (type(model).__module__, backend, layer, err)
+                assert err < tol, (type(model).__module__, backend, layer, err)
 
 
 def test_states_at_positions_match_fla_prefix_reruns(pair):
@@ -128,9 +132,11 @@ def test_padded_batch_with_fla(pair):
 
 
 def test_fla_chunk_states_and_triton_correction_at_2_7b_head_dims():
-    """The Triton correction at retnet-2.7B head dims: IEEE mode as exact as fla's fp32 chunk states
-    (1e-3); the tensor-core mode rounds the decay-weighted values to bf16 (2^-9 relative per entry, ~1e-3
-    in norm; bound 5e-3), and bf16 chunk-entry states (fla's forward keeps them so) add as much again."""
+    """At retnet-2.7B head dims. fla's chunk states: its ``chunk_fwd_h`` rounds the decay-weighted values
+    to the input dtype (bf16, 2^-9 relative per entry) before the dot, 1.7e-3 from ours in norm on the
+    H200 (2026-12-04; bound 5e-3). Our Triton correction on the same (reference) chunk states: IEEE mode
+    matches the torch correction to fp32 rounding (1e-4); the tensor-core mode rounds the decay-weighted
+    values to bf16 as fla does (bound 5e-3); bf16 chunk-entry states add as much again (1e-2)."""
     pytest.importorskip("fla")
     from retnet_forgetting.ops.retention import chunk_states, states_at_positions
 
@@ -138,13 +144,15 @@ def test_fla_chunk_states_and_triton_correction_at_2_7b_head_dims():
     k = torch.randn(2, 1000, 10, 256, device="cuda", generator=g).to(torch.bfloat16)
     v = torch.randn(2, 1000, 10, 512, device="cuda", generator=g).to(torch.bfloat16)
     h_fla, h_ref = chunk_states(k, v, backend="fla"), chunk_states(k, v, backend="torch")
-    assert _rel(h_fla, h_ref) < 1e-3
+    assert _rel(h_fla, h_ref) < 5e-3
     positions = torch.tensor([[0, 63, 64, 500, 999], [999, 1, 700, 128, 127]])
     ref = states_at_positions(k, v, positions, h=h_ref, backend="torch")
-    ieee = states_at_positions(k, v, positions, h=h_fla, backend="triton", precision="ieee")
-    assert _rel(ieee, ref) < 1e-3
-    fast = states_at_positions(k, v, positions, h=h_fla, backend="triton")  # "auto": fast for bf16
+    ieee = states_at_positions(k, v, positions, h=h_ref, backend="triton", precision="ieee")
+    assert _rel(ieee, ref) < 1e-4
+    fast = states_at_positions(k, v, positions, h=h_ref, backend="triton")  # "auto": fast for bf16
     assert _rel(fast, ref) < 5e-3
+    on_fla = states_at_positions(k, v, positions, h=h_fla, backend="triton")
+    assert _rel(on_fla, ref) < 1e-2
     h16 = chunk_states(k, v, backend="fla", fp32_states=False)
     assert h16.dtype == torch.bfloat16
     auto = states_at_positions(k, v, positions, h=h16, backend="auto", out_dtype=torch.bfloat16)

@@ -32,9 +32,11 @@ def ov_circuit(model: ToyTransformer, layer: int, head: int) -> torch.Tensor:
 
 
 def ov_eigenvalues(model: ToyTransformer, layer: int, head: int) -> torch.Tensor:
-    """Complex [dh]: the nonzero eigenvalues of the full OV circuit (computed on ``W_O W_U W_E W_V``)."""
+    """Complex [dh] (on the CPU): the nonzero eigenvalues of the full OV circuit (computed on the
+    [dh, dh] ``W_O W_U W_E W_V``; LAPACK, since cuSOLVER's geev raised CUSOLVER_STATUS_INTERNAL_ERROR
+    in parallel jobs on an H200)."""
     m = model.W_O[layer, head] @ model.W_U @ model.W_E @ model.W_V[layer, head]
-    return torch.linalg.eigvals(m.detach().double())
+    return torch.linalg.eigvals(m.detach().double().cpu())
 
 
 def copying_score(model: ToyTransformer, layer: int, head: int) -> float:
