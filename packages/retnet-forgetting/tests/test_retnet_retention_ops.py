@@ -93,6 +93,10 @@ def test_bad_inputs_raise_clear_errors():
         retention(q[0], k[0], v[0])
     with pytest.raises(ValueError, match="backend"):
         retention(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match=r"backend='triton': expected one of \('auto', 'torch', 'fla'\)"):
+        chunk_states(k, v, backend="triton")  # the Triton correction is for states at positions only
+    with pytest.raises(ValueError, match="backend='cuda': expected one of .*'triton'"):
+        states_at_positions(k, v, torch.tensor([3]), backend="cuda")
     with pytest.raises(RuntimeError, match="fla"):
         retention(q, k, v, backend="fla")
 

@@ -30,14 +30,14 @@ from torch import nn
 from retnet_forgetting.extractors.base import LayerFn, Pass, StateExtractor, StateInputs, join_blocks
 from retnet_forgetting.ops.retention import (
     DEFAULT_CHUNK_SIZE,
+    STATE_BACKENDS,
+    check_backend,
     chunk_output,
     chunk_states,
     states_at_positions,
 )
 from retnet_forgetting.ops.retention.positions import MAX_GROUP, position_groups
 from retnet_forgetting.reference.layers import retention_output, retention_qkv
-
-BACKENDS = ("auto", "torch", "fla", "triton")
 
 
 class RetNetStateExtractor(StateExtractor):
@@ -64,8 +64,7 @@ class RetNetStateExtractor(StateExtractor):
     def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
                  state_dtype: torch.dtype = torch.float32, position_block: int = 64, precision: str = "auto",
                  max_group: int = MAX_GROUP):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+        check_backend(backend, STATE_BACKENDS)
         super().__init__(model, chunk_size, state_dtype, position_block)
         self.decoder = getattr(model, "model", model)
         self.layers = self.decoder.layers

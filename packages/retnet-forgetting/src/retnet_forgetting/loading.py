@@ -16,14 +16,13 @@ import torch
 from seqmem_shared.backends import optional_import
 from torch import nn
 
-from retnet_forgetting.ops.retention import retention_log_decay
+from retnet_forgetting.ops.retention import check_backend, retention_log_decay
 from retnet_forgetting.reference import RETNET_2_7B, RetNetConfig, RetNetForCausalLM
 
 log = logging.getLogger("seqmem.retnet")
 
 DEFAULT_MODEL = "fla-hub/retnet-2.7B-100B"
 IMPLEMENTATIONS = ("auto", "fla", "reference")
-BACKENDS = ("auto", "torch", "fla")
 
 
 def load_retnet_model(name_or_path: str | Path | RetNetConfig | dict = DEFAULT_MODEL,
@@ -40,8 +39,7 @@ def load_retnet_model(name_or_path: str | Path | RetNetConfig | dict = DEFAULT_M
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    check_backend(backend)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     use_fla = implementation == "fla" or (implementation == "auto" and device.type == "cuda"
                                           and optional_import("fla.models", "RetNet models") is not None)

@@ -24,16 +24,24 @@ from retnet_forgetting.ops.retention.reference import (
 )
 
 MODES = ("chunk", "recurrent", "parallel")
+BACKENDS = ("auto", "torch", "fla")  # the retention kernels (and the reference model's retention)
+STATE_BACKENDS = (*BACKENDS, "triton")  # states at positions: also the Triton in-chunk correction alone
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE", "MODES", "chunk_output", "chunk_retention", "chunk_states", "parallel_retention",
-    "recurrent_retention", "retention", "retention_log_decay", "states_at_positions",
+    "BACKENDS", "DEFAULT_CHUNK_SIZE", "MODES", "STATE_BACKENDS", "check_backend", "chunk_output",
+    "chunk_retention", "chunk_states", "parallel_retention", "recurrent_retention", "retention",
+    "retention_log_decay", "states_at_positions",
 ]
 
 
+def check_backend(backend: str, allowed: tuple[str, ...] = BACKENDS) -> None:
+    """Raise ``ValueError`` naming ``backend`` and ``allowed`` when it is not one of them."""
+    if backend not in allowed:
+        raise ValueError(f"backend={backend!r}: expected one of {allowed}")
+
+
 def _backend(backend: str, *tensors: torch.Tensor) -> str:
-    if backend not in ("auto", "torch", "fla"):
-        raise ValueError(f"backend={backend!r}: expected one of 'auto', 'torch', 'fla'")
+    check_backend(backend)
     choice = resolve_backend(backend, *tensors, fast="fla")
     if choice == "fla" and optional_import("fla.ops.retention", "retention kernels") is None:
         if backend == "fla":
@@ -123,8 +131,7 @@ def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tenso
     ``groups``: ``positions.position_groups`` of the positions for the Triton kernel (made from
     ``positions`` when None: pass them when ``positions`` live on the device, to avoid a sync).
     """
-    if backend not in ("auto", "torch", "fla", "triton"):
-        raise ValueError(f"backend={backend!r}: expected one of 'auto', 'torch', 'fla', 'triton'")
+    check_backend(backend, STATE_BACKENDS)
     if h is None:
         h = chunk_states(k, v, chunk_size, initial_state, backend="auto" if backend == "triton" else backend)
     if not checked:
