@@ -1,8 +1,9 @@
 """Which part of a sweep model breaks CUDA-graph replay? Captures pieces of increasing size (the SSD
 reference, the short convolution, one Mamba-2 mixer, one BiMamba block, the encoder, the decoder, the
 whole model, a lockstep training step with AdamW, then a lockstep group: several runs of the grid side
-by side, one graph and stream each) each as forward + backward in a CUDA graph, in its own subprocess (a sticky CUDA error such as "illegal instruction" ends the process), replays it
-and compares the loss and gradients with the eager ones. Prints one JSON line per probe and a summary.
+by side, one graph and stream each) each as forward + backward in a CUDA graph, in its own subprocess
+(a sticky CUDA error such as "illegal instruction" ends the process), replays it and compares the loss
+and gradients with the eager ones. Prints one JSON line per probe and a summary.
 
     python packages/polar-mem-mamba/bench/diagnose_graphs.py \\
         --config packages/polar-mem-mamba/configs/capacity_cliff_small.yaml --architecture mamba2
