@@ -14,6 +14,7 @@ from seqmem_shared.train.checkpoint import (
     unwrap_model,
 )
 from seqmem_shared.train.config import TrainConfig
+from seqmem_shared.train.curves import CurveComparison, compare_curves, read_metrics
 from seqmem_shared.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -29,6 +30,7 @@ from seqmem_shared.train.loop import Callback, Trainer, move_to_device, seed_eve
 __all__ = [
     "Callback",
     "CheckpointError",
+    "CurveComparison",
     "DistInfo",
     "TrainConfig",
     "Trainer",
@@ -36,12 +38,14 @@ __all__ = [
     "barrier",
     "capture_rng_state",
     "cleanup",
+    "compare_curves",
     "get_rank",
     "get_world_size",
     "init_distributed",
     "is_main_process",
     "load_checkpoint",
     "move_to_device",
+    "read_metrics",
     "restore_rng_state",
     "save_checkpoint",
     "seed_everything",
