@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from seqmem_shared.config import ConfigError
 from seqmem_shared.train import (
     Callback,
     CheckpointError,
@@ -396,6 +397,58 @@ def test_early_stop_logs_partial_window_and_saves(tmp_path):
     assert rerun.fit() == result and rerun.step == 4  # an early-stopped run counts as finished
 
 
+class TickingClock:
+    """Stands in for the training loop's ``time`` module: its clock moves only when ``tick`` is called."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_time_limit_stops_saves_and_resume_continues(tmp_path, monkeypatch, caplog):
+    import seqmem_shared.train.loop as loop
+
+    clock = TickingClock()
+    monkeypatch.setattr(loop, "time", clock)
+
+    def one_second_steps(model, batch):  # every training step takes exactly 1 s of the loop's clock
+        clock.tick(1.0)
+        return loss_with_acc(model, batch)
+
+    def eval_fn(model):
+        x, y = fixed_data(16)
+        return {"loss": F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()}
+
+    def trainer(limit):
+        return make_trainer(tmp_path / "b", loss_fn=one_second_steps, eval_fn=eval_fn, log_every=10,
+                            save_every=0, time_limit_s=limit)
+
+    with caplog.at_level(logging.INFO, logger="seqmem"):
+        result = trainer(2.5).fit()
+    assert result["step"] == 3 and "loss" in result and "eval_loss" in result  # partial window, evaluated
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [3]
+    assert "seqmem: step 1, 1 steps into this fit, at 1.0 s" in caplog.text
+    assert "seqmem: time_limit_s=2.5 reached at step 3 after 3.0 s; stopping" in caplog.text
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    assert ckpt["extra"]["trainer"]["stopped_early"] and ckpt["extra"]["trainer"]["time_limited"]
+
+    again = trainer(2.5).fit()  # the rerun resumes (unlike a callback's stop), with a fresh limit
+    assert again["step"] == 6 and again["elapsed_s"] == 6.0  # the elapsed clock itself carries over
+    resumed = trainer(None)
+    assert resumed.fit()["step"] == 20
+    final = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["extra"]["trainer"]
+    assert not final["stopped_early"] and not final["time_limited"]
+    straight = make_trainer(tmp_path / "a", loss_fn=one_second_steps, eval_fn=eval_fn, save_every=0)
+    straight.fit()
+    assert_same_weights(straight.raw_model, resumed.raw_model)  # stopping and resuming changed nothing
+
+
 # ----------------------------------------------------------------------------- accumulation
 
 
@@ -569,11 +622,15 @@ def test_checkpoints_are_portable_across_wrappers(tmp_path):
         ("best_mode", "avg", "one of 'min', 'max'"),
         ("out_dir", 3, "a directory path or null"),
         ("tokens_per_batch", 0, "a positive integer or null"),
+        ("time_limit_s", 0, "a positive number of seconds or null"),
+        ("time_limit_s", -60.0, "a positive number of seconds or null"),
+        ("time_limit_s", "soon", "a positive number of seconds or null"),
     ],
 )
 def test_config_errors_name_the_field(field, value, expected):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigError) as err:
         TrainConfig.from_dict({field: value})
+    assert err.value.field == field
     message = str(err.value)
     assert message.startswith(f"TrainConfig.{field}: expected {expected}") and repr(value) in message
     assert "\n" not in message
@@ -703,7 +760,8 @@ DDP_JOB = textwrap.dedent(
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 10)
         cfg = TrainConfig(max_steps=6, grad_accum_steps=accum, log_every=2, save_every=3, eval_every=3,
-                          out_dir=out_dir, progress=False, precision="fp32")
+                          out_dir=out_dir, progress=False, precision="fp32",
+                          time_limit_s=3600)  # never reached: rank 0's decision is broadcast every step
         trainer = Trainer(model, cfg, loss_fn, data, eval_fn=evaluate, optimizer=opt, scheduler=sched)
         result = trainer.fit()
         out = {"weights": {k: v.cpu() for k, v in trainer.raw_model.state_dict().items()}, "result": result}

@@ -51,6 +51,18 @@ def test_text_dataset_trains(tmp_path, capsys):
         train_main(["--dataset", "nope", "--out_dir", str(tmp_path / "x")])
 
 
+def test_time_limit_flag_stops_training(tmp_path, capsys):
+    from seqmem_shared.config import ConfigError
+
+    args = ["--model_type", "attention_only_1L", "--max_iters", "50", "--d_model", "16", "--n_head", "2",
+            "--n_ctx", "16", "--vocab_size", "48", "--batch_size", "2", "--out_dir", str(tmp_path),
+            "--no_progress", "--warmup", "0"]
+    train_main([*args, "--time_limit_s", "1e-9"])  # reached after the first step
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
+    with pytest.raises(ConfigError, match=r"^TrainConfig.time_limit_s: expected a positive number"):
+        train_main([*args, "--time_limit_s", "0"])
+
+
 def test_save_load_roundtrip_and_errors(tmp_path):
     model = ToyTransformer(ModelConfig("attention_only_2L", vocab_size=30, d_model=8, n_head=2, n_ctx=8))
     save_model(model, tmp_path, "synthetic")

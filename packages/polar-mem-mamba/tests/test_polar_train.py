@@ -11,7 +11,7 @@ from polar_mem_mamba import Config
 from polar_mem_mamba.cli import eval_main, train_main
 from polar_mem_mamba.data import MQARBatches, heldout_set
 from polar_mem_mamba.sweep import load_sweep, run_sweep
-from polar_mem_mamba.train import answer_accuracy, build_model, evaluate, mqar_loss
+from polar_mem_mamba.train import answer_accuracy, build_model, evaluate, mqar_loss, train_config
 
 TINY = dict(d_model=32, d_state=8, headdim=16, n_heads=2, encoder_layers=2, decoder_layers=2,
             cross_attn_layers=[0], mem_pool_size=4, mem_summary_dim=16, mem_update_freq=2, chunk_size=16,
@@ -55,6 +55,11 @@ def test_loss_and_evaluate_on_an_untrained_model():
     result = evaluate(model, config)
     assert 0.0 <= result["accuracy"] <= 1.0 and len(result["per_slot_accuracy"]) == 3
     assert result["num_examples"] == 16
+
+
+def test_time_limit_s_reaches_the_train_config():
+    assert train_config(Config(**TINY)).time_limit_s is None
+    assert train_config(Config(**TINY, time_limit_s="90")).time_limit_s == 90.0  # YAML-style string too
 
 
 def test_align_eval_trains_first_then_reuses_the_checkpoint(tmp_path, capsys):

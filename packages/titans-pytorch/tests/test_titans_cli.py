@@ -99,3 +99,15 @@ def test_config_file_and_bad_input(tmp_path, data_file):
         load_config(_parser().parse_args(["--config", str(cfg_path)]))
     with pytest.raises(FileNotFoundError, match="data_path"):
         train_main(["--data-path", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path)])
+
+
+def test_time_limit_flag_stops_training(data_file, tmp_path):
+    from titans_pytorch.cli import _parser, load_config
+
+    with pytest.raises(ValueError, match=r"^command line: TrainMACConfig.time_limit_s: expected a positive"):
+        load_config(_parser().parse_args(["--time-limit-s", "0"]))
+    out = tmp_path / "run"
+    train_main(["--data-path", str(data_file), "--out-dir", str(out), *TINY, "--num-batches", "50",
+                "--time-limit-s", "1e-9"])  # reached after the first step
+    assert torch.load(out / "titans_enwik8.pt", weights_only=False)["batch"] == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["extra"]["trainer"]["time_limited"]

@@ -38,6 +38,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--qk_norm", action="store_true")
     p.add_argument("--norm", default=None, choices=["rms"])
     p.add_argument("--eval_every", type=int, default=200)
+    p.add_argument("--time_limit_s", type=float, default=None,
+                   help="stop after this many seconds of training, then evaluate and save; rerunning "
+                        "resumes (default: no limit)")
     p.add_argument("--out_dir", default="runs/bilinear")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true")
@@ -66,7 +69,7 @@ def train_main(argv: list[str] | None = None) -> int:
                                grad_clip=args.grad_clip, precision=args.precision,
                                eval_every=args.eval_every, out_dir=args.out_dir, seed=args.seed,
                                compile=args.compile, progress=not args.no_progress,
-                               tokens_per_batch=args.batch_size * args.n_ctx)
+                               tokens_per_batch=args.batch_size * args.n_ctx, time_limit_s=args.time_limit_s)
     _, metrics = train_model(model_config, data, train_config, args.out_dir, device=args.device)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}))
     return 0

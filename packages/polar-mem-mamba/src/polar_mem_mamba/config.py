@@ -30,6 +30,7 @@ from seqmem_shared.config import (
 )
 from seqmem_shared.config import read_config_file as read_yaml
 from seqmem_shared.data.mqar import FIRST_KEY
+from seqmem_shared.train.config import TIME_LIMIT_S_CHECK
 
 __all__ = ["ARCHITECTURES", "Architecture", "Config", "ConfigError", "read_yaml"]
 
@@ -84,7 +85,9 @@ class Config:
     Task: MQAR with ``num_pairs`` key-value pairs and ``num_queries`` queries; ``vocab_size`` is the
     MQAR vocabulary (keys from ``[10, V/2)``, values from ``[V/2, V)``; the study uses 8192, small
     vocabularies make quick CPU runs). Training: AdamW with warmup + cosine, global ``batch_size``
-    (split over ranks).
+    (split over ranks); ``time_limit_s`` (null: none) ends a run after the first step at which it has
+    trained that many seconds in this invocation, then evaluates and saves; rerunning resumes (see
+    ``TrainConfig``; the lockstep sweep trainer ignores it).
     ``backend``: "auto" uses mamba_ssm / causal_conv1d / flash_attn on CUDA when installed, "torch"
     forces the pure-PyTorch references.
     """
@@ -123,6 +126,7 @@ class Config:
     precision: str = "auto"
     compile: bool = False
     seed: int = 0
+    time_limit_s: float | None = None
     # evaluation and outputs
     eval_every: int = 500
     eval_examples: int = 2048
@@ -244,6 +248,7 @@ _CHECKS: dict[str, Check] = {
     "precision": choice(*PRECISIONS),
     "compile": boolean(),
     "seed": integer(0),
+    "time_limit_s": TIME_LIMIT_S_CHECK,
     "eval_every": integer(0),
     "eval_examples": integer(1),
     "eval_batch_size": integer(1),

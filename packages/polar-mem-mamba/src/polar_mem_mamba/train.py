@@ -108,6 +108,7 @@ def train_config(config: Config, world_size: int = 1) -> TrainConfig:
         min_lr_ratio=config.min_lr_ratio, grad_clip=config.grad_clip, precision=config.precision,
         eval_every=config.eval_every, log_every=config.log_every, save_every=config.save_every,
         out_dir=str(config.run_dir), seed=config.seed, compile=config.compile, progress=config.progress,
+        time_limit_s=config.time_limit_s,
         examples_per_batch=config.batch_size // world_size,
         tokens_per_batch=config.batch_size // world_size * (3 * config.num_pairs + config.num_queries + 3),
     )

@@ -41,14 +41,15 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "train": {"max_steps": 1000, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.01, "batch_size": 32,
               "eval_every": 200, "log_every": 50, "save_every": 500, "precision": "auto"},
 }
-"""``train`` also takes ``bucket_by_lag`` (default true: every batch holds one target lag, so short-lag
-batches are not padded to the longest lag), ``curriculum_steps`` (0: none; else the longest lag trained
-on grows from the shortest to the longest over these steps), ``tokens_per_batch`` (0: ``batch_size`` rows
-per batch; else a fixed token count per batch, see :class:`LagBatches`), ``time_limit_s``
-(stop after this many seconds of training, then evaluate and save; null: no limit) and ``eval_rows``
-(validation rows per evaluation)."""
+"""``train`` takes the fields of ``seqmem_shared.train.TrainConfig`` (e.g. ``time_limit_s``: stop after
+this many seconds of training, then evaluate and save; a rerun resumes; null: no limit) and
+``bucket_by_lag`` (default true: every batch holds one target lag, so short-lag batches are not padded
+to the longest lag), ``curriculum_steps`` (0: none; else the longest lag trained on grows from the
+shortest to the longest over these steps), ``tokens_per_batch`` (0: ``batch_size`` rows per batch; else
+a fixed token count per batch, see :class:`LagBatches`) and ``eval_rows`` (validation rows per
+evaluation)."""
 TRAIN_EXTRAS = {"batch_size": 32, "bucket_by_lag": True, "curriculum_steps": 0, "tokens_per_batch": 0,
-                "time_limit_s": None, "eval_rows": 1024}
+                "eval_rows": 1024}
 
 
 def load_train_config(path: str | Path | None) -> dict[str, Any]:
@@ -183,21 +184,6 @@ def recall_accuracy_by_lag(model: torch.nn.Module, rows, batch_size: int = 32) -
     return out
 
 
-class _Clock:
-    """Trainer callback: logs the time of steps 1, 10 and 100 (compilation and autotuning show up there)
-    and stops after ``seconds`` of training (``trainer._elapsed``, evaluations included; None: no limit)."""
-
-    def __init__(self, seconds: float | None):
-        self.seconds = seconds
-
-    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, Any]) -> None:
-        if step in (1, 10, 100):
-            log.info("train-tiny: step %d at %.1f s", step, trainer._elapsed)
-        if self.seconds is not None and trainer._elapsed >= self.seconds and step < trainer.config.max_steps:
-            log.info("train-tiny: time_limit_s=%s reached at step %d; stopping", self.seconds, step)
-            trainer.should_stop = True
-
-
 class _Terminated(Exception):
     """Raised in the main thread on SIGTERM (e.g. from ``timeout``) while training."""
 
@@ -248,8 +234,6 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
     train_rows, val_rows = df[df["split"] == "train"], df[df["split"] != "train"]
     t = dict(cfg["train"])
     extras = {k: t.pop(k, v) for k, v in TRAIN_EXTRAS.items()}
-    if extras["time_limit_s"] is not None and not extras["time_limit_s"] > 0:
-        raise ValueError(f"train.time_limit_s={extras['time_limit_s']}: expected a positive number or null")
     eval_rows = val_rows.iloc[:int(extras["eval_rows"])]
     if extras["curriculum_steps"] and not extras["bucket_by_lag"]:
         raise ValueError("train.curriculum_steps: expected 0 when train.bucket_by_lag is false")
@@ -263,9 +247,8 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         return recall_accuracy_by_lag(m, eval_rows, int(extras["batch_size"]))
 
-    limit = float(extras["time_limit_s"]) if extras["time_limit_s"] else None
     train_cfg = TrainConfig(**t, out_dir=str(out / "train"), best_metric="recall_acc", best_mode="max")
-    trainer = Trainer(model, train_cfg, loss_fn, batches, eval_fn, callbacks=[_Clock(limit)])
+    trainer = Trainer(model, train_cfg, loss_fn, batches, eval_fn)
     with _sigterm_raises():
         try:
             metrics, interrupted = trainer.fit(), False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from seqmem_shared.config import (
     validate,
 )
 from seqmem_shared.io import atomic_torch_save
-from seqmem_shared.train.config import PRECISIONS
+from seqmem_shared.train.config import PRECISIONS, TIME_LIMIT_S_CHECK
 
 from .data import RandomCrops, decode_bytes, load_byte_splits
 from .mac_transformer import MemoryAsContextTransformer
@@ -88,6 +88,9 @@ class TrainMACConfig:
     out_dir: str = "."
     seed: int = 0
     precision: str = "auto"
+    time_limit_s: float | None = field(default=None, metadata={
+        "help": "stop after this many seconds of training, then evaluate and save; rerunning resumes "
+                "(default: no limit)"})
 
     def __post_init__(self) -> None:
         validate(self, _CHECKS)
@@ -187,6 +190,7 @@ _CHECKS: dict[str, Check] = {
     "out_dir": path(expected="a directory path"),
     "seed": integer(0),
     "precision": choice(*PRECISIONS),
+    "time_limit_s": TIME_LIMIT_S_CHECK,
 }
 
 
@@ -263,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
         else:  # typed by the field's annotation, checked by TrainMACConfig
             kind = functools.partial(parse_value, TrainMACConfig, f.name)
             metavar = "BOOL" if f.type in ("bool", bool) else None
-            p.add_argument(flag, type=kind, default=None, metavar=metavar)
+            p.add_argument(flag, type=kind, default=None, metavar=metavar, help=f.metadata.get("help"))
     p.add_argument("--no-resume", action="store_true", help="start over even if out-dir has a checkpoint")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -317,6 +321,7 @@ def train(cfg: TrainMACConfig, resume: bool = True, progress: bool = True) -> di
         progress=progress,
         log_every=min(10, cfg.num_batches),
         tokens_per_batch=cfg.batch_size * cfg.seq_len,
+        time_limit_s=cfg.time_limit_s,
     )
     trainer = Trainer(
         model,

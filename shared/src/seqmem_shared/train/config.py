@@ -38,6 +38,17 @@ class TrainConfig:
     logged). ``tokens_per_batch``/``examples_per_batch`` (per micro-batch per rank) turn on throughput
     logging. ``best_metric`` names a key of ``eval_fn``'s dict; ``best.pt`` keeps the best by ``best_mode``.
     ``optimizer_kwargs`` go to ``seqmem_shared.optim.build_optimizer`` (e.g. ``adamw_lr``, ``adjust_lr_fn``).
+
+    ``time_limit_s`` (None: no limit) ends a fit after the first step at which this fit's share of the
+    Trainer's ``_elapsed`` clock reaches it. That clock is the wall time since the fit's training loop
+    began (after resuming and ``on_fit_start``), read right after each step's optimizer update: it
+    includes the evaluations, hooks, logging and checkpoint saves of the earlier steps (``elapsed_s`` in
+    the metrics, which a resumed fit continues from the checkpoint; the limit counts only this fit's
+    part). The stop acts like a callback's ``should_stop`` (partial log window, evaluation, checkpoint
+    marked ``stopped_early``), but the checkpoint also marks it ``time_limited``, so a rerun with
+    ``resume`` continues towards ``max_steps``, with the limit counted afresh. Under DDP rank 0's clock
+    decides (one small broadcast per step). The Trainer logs the time of a fit's steps 1, 10 and 100,
+    where compilation and autotuning show up.
     """
 
     max_steps: int = 1000
@@ -65,6 +76,7 @@ class TrainConfig:
     find_unused_parameters: bool = False
     tokens_per_batch: int | None = None
     examples_per_batch: int | None = None
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         validate(self, _CHECKS)
@@ -89,6 +101,9 @@ class TrainConfig:
 
 
 _EVERY = "a non-negative integer (0: only at the end)"
+
+TIME_LIMIT_S_CHECK = optional(number(0.0, lo_open=True), expected="a positive number of seconds or null")
+"""The check of ``time_limit_s``, for package configs that pass it on to :class:`TrainConfig`."""
 
 _CHECKS = {
     "max_steps": integer(1),
@@ -118,4 +133,5 @@ _CHECKS = {
     "find_unused_parameters": boolean(),
     "tokens_per_batch": optional(integer(1)),
     "examples_per_batch": optional(integer(1)),
+    "time_limit_s": TIME_LIMIT_S_CHECK,
 }

@@ -2,8 +2,8 @@
 
 ``Trainer(model, config, loss_fn, train_data, eval_fn=None, ...).fit()`` runs ``config.max_steps``
 optimizer steps with autocast, gradient accumulation and clipping, a warmup-cosine schedule, periodic
-evaluation, a tqdm bar and JSON-lines metrics on rank 0, atomic checkpoints and exact resume, and DDP
-when launched by ``torchrun``.
+evaluation, a tqdm bar and JSON-lines metrics on rank 0, atomic checkpoints and exact resume, an
+optional wall-clock limit (``time_limit_s``), and DDP when launched by ``torchrun``.
 
 Data: ``train_data`` is one of
 
@@ -70,7 +70,8 @@ class Callback:
     has ``step`` and ``lr``, plus the logged values (loss, grad_norm, ...) on log steps and
     ``eval_*`` on eval steps: reading them never forces a device sync. Set ``trainer.should_stop = True``
     to end training after this step (on every rank under DDP: decide from ``metrics``, which agree); the
-    final checkpoint records it, so a resumed re-run counts the run as finished.
+    final checkpoint records it, so a resumed re-run counts the run as finished (a ``time_limit_s`` stop,
+    in contrast, resumes).
     Hooks that consume RNG (e.g. sampling) run before the checkpoint is written, so resume stays exact.
     Guard printing with ``trainer.is_main``.
     """
@@ -313,6 +314,7 @@ class Trainer:
         self._params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self._consumed = 0
         self._elapsed = 0.0
+        self._time_limited = False
         self._best_due = False
 
     # ----------------------------------------------------------------------------------- setup
@@ -380,7 +382,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``config.max_steps`` (resuming if asked); returns the latest value of every metric."""
         cfg = self.config
-        self.should_stop = False
+        self.should_stop = self._time_limited = False
         if not self._maybe_resume():
             seed_everything(cfg.seed + self.dist.rank)
         self._call("on_fit_start", self)
@@ -399,7 +401,7 @@ class Trainer:
             metrics_file = self.metrics_path.open("a")
         window = _Window()
         clock = {"start": time.perf_counter(), "log": time.perf_counter(), "log_step": self.step}
-        elapsed0 = self._elapsed
+        elapsed0, step0 = self._elapsed, self.step
         self.model.train()
         try:
             while self.step < cfg.max_steps and not self.should_stop:
@@ -407,6 +409,10 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 self._elapsed = elapsed0 + time.perf_counter() - clock["start"]
+                fit_seconds = self._elapsed - elapsed0
+                if self.step - step0 in (1, 10, 100):  # compilation and autotuning show up here
+                    log.info("seqmem: step %d, %d steps into this fit, at %.1f s", self.step,
+                             self.step - step0, fit_seconds)
                 last = self.step == cfg.max_steps
                 record: dict[str, Any] = {"step": self.step, "lr": self._lr()}
                 if (cfg.log_every and self.step % cfg.log_every == 0) or last:
@@ -416,6 +422,10 @@ class Trainer:
                 if self.eval_fn is not None and (eval_due or last):
                     record.update(self._evaluate())
                 self._call("on_step_end", self, self.step, record)
+                if not (self.should_stop or last) and self._time_is_up(fit_seconds):
+                    self.should_stop = self._time_limited = True
+                    log.info("seqmem: time_limit_s=%g reached at step %d after %.1f s; stopping",
+                             cfg.time_limit_s, self.step, fit_seconds)
                 if self.should_stop and not last:  # stopping early: log the partial window, evaluate
                     if window:
                         record.update(self._log_values(window, clock))
@@ -436,6 +446,11 @@ class Trainer:
         final = dict(self.last_metrics)
         self._call("on_fit_end", self, final)
         return final
+
+    def _time_is_up(self, fit_seconds: float) -> bool:
+        """Whether this fit has run ``time_limit_s``; rank 0 decides for all (collective under DDP)."""
+        limit = self.config.time_limit_s
+        return limit is not None and bool(broadcast_object(fit_seconds >= limit))
 
     def _train_step(self, window: _Window) -> None:
         cfg = self.config
@@ -557,6 +572,7 @@ class Trainer:
                 "elapsed_s": self._elapsed,
                 "world_size": self.dist.world_size,
                 "stopped_early": self.should_stop,
+                "time_limited": self._time_limited,
             }
             save_checkpoint(path, self.raw_model, self.optimizer, self.scheduler, self.step,
                             extra={"trainer": trainer_state}, data_state=data_state, config=self.config,
@@ -583,7 +599,8 @@ class Trainer:
         self.best = state.get("best")
         self.last_metrics = dict(state.get("last_metrics", {}))
         self._elapsed = float(state.get("elapsed_s", 0.0))
-        self.should_stop = bool(state.get("stopped_early", False))
+        # a callback's stop finishes the run; a time-limit stop resumes towards max_steps
+        self.should_stop = bool(state.get("stopped_early", False)) and not state.get("time_limited", False)
         rank = self.dist.rank
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.dist.world_size and self.data.kind != "callable":
