@@ -34,6 +34,10 @@ def test_one_process_vs_two_gloo_ranks_same_global_batch(tmp_path):
     curves = result["loss_curves"]
     assert (curves["common_steps"], curves["first_step"], curves["last_step"]) == (11, 2, 12)
     assert curves["rms_diff"] > 0  # different batches: the runs are not the same run twice
+    reseeded = result["runs"]["1_seed1"]
+    assert (reseeded["world_size"], reseeded["seed"], reseeded["step"]) == (1, 1, 12)
+    assert result["reference_loss_curves"]["rms_diff"] > 0
+    assert isinstance(result["within_seed_variation"], bool)
     assert (tmp_path / "out" / "nproc2" / "ddp" / "results.json").is_file()
 
 
