@@ -71,3 +71,11 @@ def test_seqmem_check_reports_backends(capsys: pytest.CaptureFixture[str]) -> No
     assert report["packages"]["seqmem-shared"]
     assert check.main([]) == 0
     assert "seqmem Triton kernels" in capsys.readouterr().out
+
+
+def test_jsonl_records_skip_blank_lines_and_name_the_bad_line():
+    from seqmem_shared.io import jsonl_records
+
+    assert list(jsonl_records(['{"a": 1}', "  ", "[2]"], "x.jsonl")) == [(1, {"a": 1}), (3, [2])]
+    with pytest.raises(ValueError, match=r"^x.jsonl:2: invalid JSON \(Expecting value\)$"):
+        list(jsonl_records(['{"a": 1}', "nope"], "x.jsonl"))

@@ -56,5 +56,5 @@ def test_read_metrics_keeps_the_last_record_per_step_and_names_bad_lines(tmp_pat
     assert read_metrics(path) == {10: 2.0, 20: 1.25}
     assert read_metrics(path, "eval_accuracy") == {10: 0.5}
     path.write_text('{"step": 1, "loss": 1}\nnot json\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: invalid JSON"):
         read_metrics(path)

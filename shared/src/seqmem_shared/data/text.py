@@ -56,7 +56,6 @@ import glob
 import gzip
 import hashlib
 import itertools
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ from typing import IO, Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from seqmem_shared.io import jsonl_records
 from seqmem_shared.tokenization import Tokenizer, get_tokenizer
 
 STATE_VERSION = 1
@@ -245,13 +245,7 @@ class StreamingTextDataset(IterableDataset):
 
     def _jsonl_documents(self, path: Path) -> Iterator[str]:
         with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            for lineno, row in jsonl_records(f, path):
                 text = row.get(self.text_field) if isinstance(row, dict) else None
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{lineno}: expected an object with a string field "

@@ -12,7 +12,6 @@ inflating it. Two curves that differ only by such noise have differences of RMS
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,18 +19,14 @@ from typing import Any
 
 import torch
 
+from seqmem_shared.io import jsonl_records
+
 
 def read_metrics(path: str | Path, key: str = "loss") -> dict[int, float]:
     """``{step: value}`` of ``key`` from a Trainer's ``metrics.jsonl`` (records without it are skipped;
     a step logged twice, e.g. across a resume, keeps its last value)."""
     curve: dict[int, float] = {}
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{line_no}: not a JSON record ({exc})") from None
+    for _, record in jsonl_records(Path(path).read_text().splitlines(), path):
         if key in record and "step" in record:
             curve[int(record["step"])] = float(record[key])
     return curve
