@@ -68,3 +68,18 @@ def test_dispatch_on_cpu_uses_the_reference():
         ssd(**inp, chunk_size=16, backend="mamba_ssm")
     with pytest.raises(ValueError, match="backend='fast'"):
         ssd(**inp, chunk_size=16, backend="fast")
+
+
+@pytest.mark.parametrize("fn", [ssd_chunked, ssd_recurrent])
+def test_scan_stays_fp32_under_autocast(fn):
+    """Autocast would run the scan's einsums in bf16 whatever their inputs' dtype (~1e-2 off, and it
+    slowed MQAR training several-fold); the reference turns it off, like mamba_ssm's fp32 kernel."""
+    inp = {k: v.float() for k, v in _inputs().items()}
+    inp["dt"] = inp["dt"].abs()
+    plain = fn(**inp, chunk_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = fn(**inp, chunk_size=8)
+        unguarded = fn.__wrapped__(**inp, chunk_size=8)  # the same scan with autocast left on
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, plain, rtol=1e-6, atol=1e-6)
+    assert (unguarded.float() - plain).norm() / plain.norm() > 1e-3  # what the guard prevents

@@ -99,7 +99,8 @@ class MemoryPool(nn.Module):
         """Attention of x [B, T, d_model] over the entries visible at each position -> [B, T, d_model]."""
         visible = state.visible(x.shape[1], self.pool_size)
         q, k, v = self.q_proj(x), self.k_proj(state.pool), self.v_proj(state.pool)
-        logits = torch.einsum("bts,bns->btn", q.float(), k.float()) / math.sqrt(self.summary_dim)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 logits also under autocast
+            logits = torch.einsum("bts,bns->btn", q.float(), k.float()) / math.sqrt(self.summary_dim)
         logits = logits + F.logsigmoid(state.priorities)[:, None, :]
         weights = torch.softmax(logits.masked_fill(~visible, torch.finfo(logits.dtype).min), dim=-1)
         weights = weights * visible.any(-1, keepdim=True)  # a position with an empty pool reads zeros

@@ -8,8 +8,9 @@ Per head ``h`` (state ``S`` of shape [headdim, d_state]) the scan is::
 
 :func:`ssd_chunked` computes the same outputs in blocks of ``chunk_size`` tokens: a masked
 "attention-like" product inside each chunk plus a short recurrence over chunk-boundary states, all in
-fp32. :func:`ssd_recurrent` runs the recurrence token by token and is the oracle in tests. Both take
-the signature of ``mamba_ssm``'s ``mamba_chunk_scan_combined``:
+fp32, also under autocast (which would otherwise run the einsums in bf16 whatever their inputs' dtype).
+:func:`ssd_recurrent` runs the recurrence token by token and is the oracle in tests. Both take the
+signature of ``mamba_ssm``'s ``mamba_chunk_scan_combined``:
 
     x [B, L, H, P], dt [B, L, H], A [H], B/C [B, L, G, N] (G groups shared by H // G heads each),
     D [H] or [H, P], z [B, L, H, P], dt_bias [H], initial_states [B, H, P, N] -> y [B, L, H, P]
@@ -18,11 +19,25 @@ the signature of ``mamba_ssm``'s ``mamba_chunk_scan_combined``:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+
+
+def _without_autocast(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run the scan with autocast off on its input's device, so its products stay in fp32 like
+    mamba_ssm's kernel (outputs are cast back to the input dtype)."""
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
 
 
 def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit):
@@ -50,6 +65,7 @@ def _finish(y, x, D, z, dtype):
     return y.to(dtype)
 
 
+@_without_autocast
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -103,6 +119,7 @@ def ssd_chunked(
     return (y, state) if return_final_states else y
 
 
+@_without_autocast
 def ssd_recurrent(
     x: torch.Tensor,
     dt: torch.Tensor,
