@@ -79,3 +79,20 @@ def test_jsonl_records_skip_blank_lines_and_name_the_bad_line():
     assert list(jsonl_records(['{"a": 1}', "  ", "[2]"], "x.jsonl")) == [(1, {"a": 1}), (3, [2])]
     with pytest.raises(ValueError, match=r"^x.jsonl:2: invalid JSON \(Expecting value\)$"):
         list(jsonl_records(['{"a": 1}', "nope"], "x.jsonl"))
+
+
+def test_without_autocast_keeps_fp32_products_and_the_signature():
+    from seqmem_shared.backends import without_autocast
+
+    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b."""
+        return a.float() @ b.float()
+
+    guarded = without_autocast(product)
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    exact = a @ b
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert product(a, b).dtype == torch.bfloat16  # what autocast does to the plain function
+        assert torch.equal(guarded(a, b=b), exact)
+        assert torch.is_autocast_enabled("cpu")  # restored after the call
+    assert guarded.__doc__ == "a @ b." and guarded.__wrapped__ is product

@@ -174,3 +174,17 @@ def test_position_groups_cover_each_position_once_by_row_and_chunk():
         assert len({(int(i) // 9, int(flat[i]) // 64) for i in members}) == 1  # one row, one chunk
         assert flat[members].tolist() == sorted(flat[members].tolist())
     assert g.first.numel() == 8  # per row: chunk 0 holds 7 positions (3 groups), another chunk 2 (1 group)
+
+
+def test_reference_accumulates_in_fp32_under_autocast():
+    """bf16 autocast (training on CUDA) would run the reference's einsums in bf16; it is turned off inside."""
+    from retnet_forgetting.ops.retention import reference
+
+    q, k, v = _qkv(T=70)
+    plain_o, plain_s = reference.chunk_retention(q, k, v, output_final_state=True)
+    plain_p = reference.parallel_retention(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, s = reference.chunk_retention(q, k, v, output_final_state=True)
+        p = reference.parallel_retention(q, k, v)
+    for got, want in ((o, plain_o), (s, plain_s), (p, plain_p)):
+        assert got.dtype == torch.float32 and torch.equal(got, want)

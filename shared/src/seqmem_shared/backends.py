@@ -12,11 +12,14 @@ import functools
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any, TypeVar
 
 import torch
 
 log = logging.getLogger("seqmem")
+F = TypeVar("F", bound=Callable[..., Any])
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -70,3 +73,18 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, fast: str = "triton") 
             raise RuntimeError(f"backend={fast!r} needs CUDA tensors (or TRITON_INTERPRET=1)")
         return fast
     return fast if (ok and on_cuda) else "torch"
+
+
+def without_autocast(fn: F) -> F:
+    """Decorator for references that promise fp32 arithmetic (like the fused kernels they stand in for):
+    runs ``fn`` with autocast off on the device of its first tensor argument. Under autocast, matmuls and
+    einsums run in bf16/fp16 even on ``.float()`` inputs, which silently breaks that promise."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        device = next((t.device.type for t in tensors), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

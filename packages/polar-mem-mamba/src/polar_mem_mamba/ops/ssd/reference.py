@@ -19,25 +19,12 @@ signature of ``mamba_ssm``'s ``mamba_chunk_scan_combined``:
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-
-
-def _without_autocast(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Run the scan with autocast off on its input's device, so its products stay in fp32 like
-    mamba_ssm's kernel (outputs are cast back to the input dtype)."""
-
-    @functools.wraps(fn)
-    def wrapper(x: torch.Tensor, *args, **kwargs):
-        with torch.autocast(x.device.type, enabled=False):
-            return fn(x, *args, **kwargs)
-
-    return wrapper
+from seqmem_shared.backends import without_autocast
 
 
 def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit):
@@ -65,7 +52,7 @@ def _finish(y, x, D, z, dtype):
     return y.to(dtype)
 
 
-@_without_autocast
+@without_autocast
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -119,7 +106,7 @@ def ssd_chunked(
     return (y, state) if return_final_states else y
 
 
-@_without_autocast
+@without_autocast
 def ssd_recurrent(
     x: torch.Tensor,
     dt: torch.Tensor,

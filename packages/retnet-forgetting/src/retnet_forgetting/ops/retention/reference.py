@@ -6,14 +6,15 @@ state is unscaled::
 
     S_t = gamma * S_{t-1} + k_t^T v_t            o_t = scale * q_t S_t
 
-The state "at position t" is ``S_t``: it includes token ``t``. Everything accumulates in fp32 and outputs
-are cast back to ``q.dtype``.
+The state "at position t" is ``S_t``: it includes token ``t``. Everything accumulates in fp32, also under
+autocast (turned off inside, as fla's kernels accumulate in fp32), and outputs are cast back to ``q.dtype``.
 """
 
 from __future__ import annotations
 
 import torch
 from einops import rearrange
+from seqmem_shared.backends import without_autocast
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -33,6 +34,7 @@ def _check_qkv(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None
         raise ValueError(f"{shapes}: expected q and k [B, T, H, Dk] and v [B, T, H, Dv]")
 
 
+@without_autocast
 def parallel_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: float | None = None) -> torch.Tensor:
     """Quadratic form ``o = ((q k^T) * D) v`` with ``D[t, i] = gamma^(t-i) [i <= t]``: ``[B, T, H, Dv]``."""
@@ -46,6 +48,7 @@ def parallel_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.einsum("bhts,bshv->bthv", scores, v.float()).to(q.dtype)
 
 
+@without_autocast
 def recurrent_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                         initial_state: torch.Tensor | None = None, output_final_state: bool = False,
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -64,6 +67,7 @@ def recurrent_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return o.to(q.dtype), (S if output_final_state else None)
 
 
+@without_autocast
 def chunk_states(k: torch.Tensor, v: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  initial_state: torch.Tensor | None = None) -> torch.Tensor:
     """States entering each chunk: ``h[:, c] = S_{c*C - 1}`` (``h[:, 0]`` = initial state or 0).
@@ -90,6 +94,7 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, chunk_size: int = DEFAULT_CHU
     return torch.stack(h, dim=1)
 
 
+@without_autocast
 def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         h: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                         initial_state: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,6 +124,7 @@ def states_at_positions(k: torch.Tensor, v: torch.Tensor, positions: torch.Tenso
     return carry * entry + torch.einsum("bkchd,bkch,bkche->bkhde", kk, w, vv)
 
 
+@without_autocast
 def chunk_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
                  scale: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Output ``[B, T, H, Dv]`` of the chunked form given the chunk-entry states ``h [B, NC, H, Dk, Dv]``
@@ -146,6 +152,7 @@ def chunk_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Ten
     return rearrange(o, "b n c h v -> b (n c) h v")[:, :T].to(q.dtype)
 
 
+@without_autocast
 def chunk_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                     initial_state: torch.Tensor | None = None, output_final_state: bool = False,
                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor | None]:
