@@ -22,7 +22,6 @@ import json
 import math
 import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +127,8 @@ def run_job(job: dict) -> dict:
     t_setup = time.time() - t0
     Trainer(model, tc, lm_loss, get_batch, optimizer=opt, scheduler=sched, callbacks=[clock]).fit()
     t_train = time.time() - t0 - t_setup
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise ValueError(f"{job['name']}: weights are not finite after training (diverged: lower lr)")
     model = model.float().eval()
     tokens, rule, nll = lang.generate(job["val_sequences"], seed=job["seed"] + 20_000, return_nll=True)
     losses = rule_losses(model, tokens, rule, nll, skip_trigrams=lang.rules.skip_trigrams,
@@ -148,12 +149,44 @@ def run_job(job: dict) -> dict:
 
 
 def run_job_or_error(job: dict) -> dict:
-    """:func:`run_job`, or ``{"job", "error"}`` when it raises: one failed job keeps the others' results."""
+    """:func:`run_job`, or ``{"job", "error"}`` (also written to ``<out>/<name>/error.json``) when it raises:
+    one failed job keeps the others' results."""
+    from seqmem_shared.io import atomic_write_json
+
     try:
         return run_job(job)
     except Exception as exc:  # noqa: BLE001 - reported in the plan's output, the other jobs go on
-        print(json.dumps({"name": job["name"], "error": f"{type(exc).__name__}: {exc}"[:500]}), flush=True)
-        return {"job": job, "error": f"{type(exc).__name__}: {exc}"}
+        res = {"job": job, "error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps({"name": job["name"], "error": res["error"][:500]}), flush=True)
+        atomic_write_json(Path(job["out"]) / job["name"] / "error.json", res)
+        return res
+
+
+RESULT_FILES = ("result.json", "error.json")
+
+
+def run_isolated(jobs: list[dict]) -> list[dict]:
+    """All jobs at once, one spawned process each (they share the GPU). Results are read back from
+    ``<out>/<name>/result.json`` (or ``error.json``), so a job whose process dies without raising (a native
+    abort in LAPACK, the OOM killer) loses only its own result; a pool would have killed its siblings."""
+    for job in jobs:
+        for name in RESULT_FILES:
+            (Path(job["out"]) / job["name"] / name).unlink(missing_ok=True)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=run_job_or_error, args=(job,), name=job["name"]) for job in jobs]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    return [_read_result(job, proc.exitcode) for job, proc in zip(jobs, procs)]
+
+
+def _read_result(job: dict, exitcode: int | None) -> dict:
+    for name in RESULT_FILES:
+        path = Path(job["out"]) / job["name"] / name
+        if path.exists():
+            return json.loads(path.read_text())
+    return {"job": job, "error": f"process exited with code {exitcode} before writing a result (see stderr)"}
 
 
 def plateau(curve: list[dict], window: float = 0.3, tol: float = 0.02) -> dict[str, Any]:
@@ -203,8 +236,7 @@ def main() -> None:
     jobs = [{**DEFAULTS, **plan.get("defaults", {}), **j, "out": args.out} for j in plan["jobs"]]
     t0 = time.time()
     if len(jobs) > 1 and not args.smoke:
-        with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as ex:
-            results = list(ex.map(run_job_or_error, jobs))
+        results = run_isolated(jobs)
     else:
         results = [run_job_or_error(j) for j in jobs]
     from seqmem_shared.io import atomic_write_json

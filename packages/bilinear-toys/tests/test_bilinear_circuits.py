@@ -98,6 +98,9 @@ def test_copying_scores_of_constructed_heads():
     attn.o.weight.data.copy_(-w_v.T)
     assert C.copying_score(m, 0, 1) == pytest.approx(-1.0, abs=1e-9)
     assert C.ov_eigenvalues(m, 0, 0).shape == (6,)
+    attn.o.weight.data[0, 0] = float("nan")  # a diverged model: a clear error, not a LAPACK abort
+    with pytest.raises(ValueError, match="layer 0 head 0: the OV circuit has non-finite entries"):
+        C.ov_eigenvalues(m, 0, 0)
 
 
 def test_positional_profile_matches_brute_force():

@@ -162,7 +162,9 @@ def test_fla_chunk_states_and_triton_correction_at_2_7b_head_dims():
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32])
 def test_extractor_reuses_chunk_states_for_fla_output(pair, state_dtype):
     """The extractor's own layer loop (chunk-entry states once per layer, fla's output stage on them)
-    gives fla's logits: the same kernels, so far inside the cross-implementation tolerance."""
+    gives fla's logits. Only the retention kernels are fla's: rotary, gated RMSNorm and SwiGLU around
+    them are our torch code, so this is a bf16 cross-implementation pair (H100, 2026-12-07: 1.2e-2 for
+    bf16 and for fp32 states, 3 layers)."""
     _, theirs = pair
     ids = torch.randint(0, 512, (2, 300), device="cuda")
     ex = RetNetStateExtractor(theirs, state_dtype=state_dtype)
@@ -170,10 +172,10 @@ def test_extractor_reuses_chunk_states_for_fla_output(pair, state_dtype):
         want = theirs(input_ids=ids).logits
         cache = theirs(input_ids=ids, use_cache=True).past_key_values
     logits, states = ex.run_with_cache(ids)
-    assert _rel(logits, want) < 1e-2
+    assert _rel(logits, want) < BF16_TOL
     for layer in range(3):
         got = states[ex.hook_name(layer)]
-        assert got.dtype == state_dtype and _rel(got, cache[layer]["recurrent_state"]) < 2e-2, layer
+        assert got.dtype == state_dtype and _rel(got, cache[layer]["recurrent_state"]) < BF16_TOL, layer
 
 
 def test_fla_model_through_train_tiny_and_the_pipeline(tmp_path):

@@ -36,6 +36,9 @@ def ov_eigenvalues(model: ToyTransformer, layer: int, head: int) -> torch.Tensor
     [dh, dh] ``W_O W_U W_E W_V``; LAPACK, since cuSOLVER's geev raised CUSOLVER_STATUS_INTERNAL_ERROR
     in parallel jobs on an H200)."""
     m = model.W_O[layer, head] @ model.W_U @ model.W_E @ model.W_V[layer, head]
+    if not torch.isfinite(m).all():
+        raise ValueError(f"ov_eigenvalues: layer {layer} head {head}: the OV circuit has non-finite entries "
+                         "(did training diverge?)")
     return torch.linalg.eigvals(m.detach().double().cpu())
 
 
