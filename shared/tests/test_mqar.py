@@ -9,7 +9,9 @@ import torch
 from seqmem_shared.data.mqar import (
     BOS,
     EOS,
+    FIRST_KEY,
     IGNORE_INDEX,
+    PAD,
     encoder_decoder_mqar,
     forgetting_mqar,
     multiquery_ar,
@@ -169,7 +171,29 @@ def test_encoder_decoder_layout():
     assert enc2[:, 1:-1:2].max() < 32 and enc2[:, 2:-1:2].min() >= 32
 
 
+def test_encoder_decoder_mixture_of_pair_counts():
+    n, m, b = 12, 3, 400
+    enc, dec, tgt = encoder_decoder_mqar(n, m, b, seed=4, min_pairs=4)
+    assert enc.shape == (b, 2 * n + 2) and dec.shape == tgt.shape == (b, m + 1)
+    counts = (enc[:, 1:] >= FIRST_KEY).sum(1) // 2  # the content: pairs up to EOS, then PAD only
+    assert counts.min() == 4 and counts.max() == n and len(counts.unique()) == n - 3
+    for row, c in zip(enc, counts.tolist()):
+        assert (row[1:2 * c + 1] >= FIRST_KEY).all() and row[2 * c + 1] == EOS
+        assert (row[2 * c + 2:] == PAD).all()
+    keys, values = enc[:, 1:-1:2], enc[:, 2:-1:2]
+    queries = dec[:, 1:]
+    assert (queries.sort(1).values.diff(dim=1) != 0).all()
+    assert torch.equal(tgt[:, 1:], _lookup(keys, values, queries))  # every query is a present key
+    assert (keys.gather(1, (keys[:, :, None] == queries[:, None, :]).float().argmax(1)) == queries).all()
+    assert ((keys[:, :, None] == queries[:, None, :]).float().argmax(1) < counts[:, None]).all()
+    # without a mixture the stream is the plain one
+    plain = encoder_decoder_mqar(n, m, b, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(plain, encoder_decoder_mqar(n, m, b, seed=4, min_pairs=n)))
+
+
 @pytest.mark.parametrize("call,match", [
+    (lambda: encoder_decoder_mqar(8, 4, 2, min_pairs=3), r"min_pairs=3: expected an integer in \[num_q"),
+    (lambda: encoder_decoder_mqar(8, 4, 2, min_pairs=9), "min_pairs=9"),
     (lambda: multiquery_ar(128, 4, 31, 8), "input_seq_len=31.*>= 32"),
     (lambda: multiquery_ar(128, 4, 48, 8, num_passes=3), "input_seq_len=48.*>= 64"),
     (lambda: multiquery_ar(16, 4, 64, 8), "vocab_size=16.*distinct keys"),

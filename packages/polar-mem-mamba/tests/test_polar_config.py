@@ -56,6 +56,8 @@ def test_yaml_loading_and_roundtrip(tmp_path):
                                         r"decoder_layers=6\), got \[0, 9\]"),
         ("headdim: 48\n", r"Config.headdim: expected a divisor of expand \* d_model = 512, got 48"),
         ("compile: yes please\n", r"Config.compile: expected true or false"),
+        ("train_min_pairs: 4\n", r"Config.train_min_pairs: expected null or an integer in \[num_queries=16, "
+                                 r"num_pairs=128\], got 4$"),
         ("time_limit_s: 0\n", r"Config.time_limit_s: expected a positive number of seconds or null, got 0$"),
         ("- 1\n- 2\n", r"expected a mapping of field: value, got list"),
         ("d_model: [\n", r"invalid YAML at line"),

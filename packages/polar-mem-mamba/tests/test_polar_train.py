@@ -47,6 +47,16 @@ def test_batches_are_reproducible_and_disjoint_from_the_test_set():
         heldout_set(config, "train")
 
 
+def test_train_min_pairs_mixes_pair_counts_in_training_only():
+    config = Config(**{**TINY, "num_pairs": 6, "train_min_pairs": 3, "batch_size": 64})
+    enc = MQARBatches(config, 64)(0)["encoder_ids"]
+    counts = (enc[:, 1:] >= 10).sum(1) // 2
+    assert enc.shape == (64, 14) and counts.min() == 3 and counts.max() == 6
+    test = heldout_set(config, "test")["encoder_ids"]
+    assert ((test[:, 1:-1] >= 10).sum(1) == 12).all()  # evaluation: num_pairs pairs in every example
+    assert torch.equal(test, heldout_set(Config(**{**TINY, "num_pairs": 6}), "test")["encoder_ids"])
+
+
 def test_loss_and_evaluate_on_an_untrained_model():
     config = Config(**TINY)
     model = build_model(config)

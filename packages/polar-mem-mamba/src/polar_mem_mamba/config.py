@@ -84,10 +84,12 @@ class Config:
     (``mem_pool_size`` entries of ``mem_summary_dim``, written every ``mem_update_freq`` layers).
     Task: MQAR with ``num_pairs`` key-value pairs and ``num_queries`` queries; ``vocab_size`` is the
     MQAR vocabulary (keys from ``[10, V/2)``, values from ``[V/2, V)``; the study uses 8192, small
-    vocabularies make quick CPU runs). Training: AdamW with warmup + cosine, global ``batch_size``
-    (split over ranks); ``time_limit_s`` (null: none) ends a run after the first step at which it has
-    trained that many seconds in this invocation, then evaluates and saves; rerunning resumes (see
-    ``TrainConfig``; the lockstep sweep trainer ignores it).
+    vocabularies make quick CPU runs); ``train_min_pairs`` (null: off) trains on a mixture, each example
+    holding between ``train_min_pairs`` and ``num_pairs`` pairs (padded), as zoology trains MQAR on several
+    pair counts; evaluation always uses ``num_pairs``. Training: AdamW with warmup + cosine, global
+    ``batch_size`` (split over ranks); ``time_limit_s`` (null: none) ends a run after the first step at
+    which it has trained that many seconds in this invocation, then evaluates and saves; rerunning resumes
+    (see ``TrainConfig``; the lockstep sweep trainer ignores it).
     ``backend``: "auto" uses mamba_ssm / causal_conv1d / flash_attn on CUDA when installed, "torch"
     forces the pure-PyTorch references.
     """
@@ -113,6 +115,7 @@ class Config:
     num_pairs: int = 128
     num_queries: int = 16
     vocab_size: int = 8192
+    train_min_pairs: int | None = None
     # training
     batch_size: int = 256
     learning_rate: float = 3e-4
@@ -211,6 +214,10 @@ class Config:
                  self.num_pairs)
         if self.num_queries > self.num_pairs:
             fail("num_queries", f"an integer <= num_pairs={self.num_pairs}", self.num_queries)
+        low = self.train_min_pairs
+        if low is not None and not self.num_queries <= low <= self.num_pairs:
+            fail("train_min_pairs", f"null or an integer in [num_queries={self.num_queries}, "
+                 f"num_pairs={self.num_pairs}]", low)
 
 
 # --------------------------------------------------------------------------------- validation
@@ -236,6 +243,7 @@ _CHECKS: dict[str, Check] = {
     "num_pairs": integer(1),
     "num_queries": integer(1),
     "vocab_size": integer(2 * FIRST_KEY + 2),
+    "train_min_pairs": optional(integer(1), expected="null or an integer >= 1"),
     "batch_size": integer(1),
     "learning_rate": number(0.0, lo_open=True),
     "weight_decay": number(0.0),

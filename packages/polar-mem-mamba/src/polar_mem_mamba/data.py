@@ -16,22 +16,25 @@ from polar_mem_mamba.config import Config
 Batch = dict[str, torch.Tensor]
 
 
-def mqar_batch(config: Config, num_examples: int, seed: int, device: torch.device | str = "cpu") -> Batch:
-    """{"encoder_ids" [B, 2N+2], "decoder_ids" [B, M+1], "targets" [B, M+1] (-100 at BOS)}."""
+def mqar_batch(config: Config, num_examples: int, seed: int, device: torch.device | str = "cpu",
+               min_pairs: int | None = None) -> Batch:
+    """{"encoder_ids" [B, 2N+2], "decoder_ids" [B, M+1], "targets" [B, M+1] (-100 at BOS)}; with
+    ``min_pairs`` each example holds between ``min_pairs`` and N pairs (then EOS and PAD)."""
     enc, dec, tgt = encoder_decoder_mqar(config.num_pairs, config.num_queries, num_examples, seed=seed,
-                                         device=device, vocab_size=config.vocab_size)
+                                         device=device, vocab_size=config.vocab_size, min_pairs=min_pairs)
     return {"encoder_ids": enc, "decoder_ids": dec, "targets": tgt}
 
 
 class MQARBatches:
-    """``get_batch(index)`` for ``seqmem_shared.train.Trainer``: a fresh, reproducible batch per index."""
+    """``get_batch(index)`` for ``seqmem_shared.train.Trainer``: a fresh, reproducible batch per index
+    (the ``train_min_pairs`` mixture when the config sets one)."""
 
     def __init__(self, config: Config, batch_size: int, device: torch.device | str = "cpu") -> None:
         self.config, self.batch_size, self.device = config, batch_size, device
 
     def __call__(self, index: int) -> Batch:
         seed = (self.config.seed + 1) * 2**32 + index
-        return mqar_batch(self.config, self.batch_size, seed, self.device)
+        return mqar_batch(self.config, self.batch_size, seed, self.device, self.config.train_min_pairs)
 
 
 SPLITS = ("test", "validation")

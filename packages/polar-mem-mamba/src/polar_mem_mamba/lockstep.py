@@ -40,8 +40,8 @@ from polar_mem_mamba.train import _write_config, build_model, evaluate, mqar_los
 log = logging.getLogger("seqmem")
 
 WARMUP_STEPS = 3
-GROUP_FIELDS = ("num_pairs", "num_queries", "vocab_size", "batch_size", "seed", "max_steps", "log_every",
-                "eval_every")
+GROUP_FIELDS = ("num_pairs", "train_min_pairs", "num_queries", "vocab_size", "batch_size", "seed",
+                "max_steps", "log_every", "eval_every")
 
 
 def group_key(config: Config) -> tuple:

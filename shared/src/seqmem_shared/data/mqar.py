@@ -222,6 +222,7 @@ def encoder_decoder_mqar(
     seed: int = 0,
     device: str | torch.device = "cpu",
     vocab_size: int = ENC_DEC_VOCAB_SIZE,
+    min_pairs: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Encoder-decoder MQAR: ``(encoder_ids [B, 2N+2], decoder_ids [B, M+1], targets [B, M+1])``, int64.
 
@@ -237,7 +238,12 @@ def encoder_decoder_mqar(
     read ``q_i`` (``decoder_ids[:, i]``); position 0 (BOS) has no target. Use
     ``cross_entropy(logits.flatten(0, 1), targets.flatten())`` with logits [B, M+1, V] over the decoder.
 
-    Bounds: ``1 <= M <= N``, ``N <= V // 2 - FIRST_KEY`` (keys) and ``N <= V - V // 2`` (values).
+    ``min_pairs`` (a training mixture, as zoology trains MQAR on several pair counts): example ``b`` holds
+    ``n_b`` pairs, uniform in ``[min_pairs, N]``, then EOS and PAD up to the same ``2N+2`` columns; its
+    queries are among its own ``n_b`` keys. ``None`` (or ``N``) gives every example N pairs.
+
+    Bounds: ``1 <= M <= N``, ``N <= V // 2 - FIRST_KEY`` (keys) and ``N <= V - V // 2`` (values);
+    ``M <= min_pairs <= N``.
     """
     _check_int("num_pairs", num_pairs, 1)
     _check_int("num_queries", num_queries, 1)
@@ -252,13 +258,25 @@ def encoder_decoder_mqar(
     if n > vocab_size - half:
         raise ValueError(f"num_pairs={n}: distinct values from [{half}, {vocab_size}) allow "
                          f"at most {vocab_size - half}")
+    if min_pairs is not None and not (isinstance(min_pairs, int) and m <= min_pairs <= n):
+        raise ValueError(f"min_pairs={min_pairs!r}: expected an integer in [num_queries={m}, num_pairs={n}]")
     gen = _generator(seed)
     b = num_examples
     keys = sample_distinct(gen, b, n, FIRST_KEY, half)
     values = sample_distinct(gen, b, n, half, vocab_size)
-    which = sample_distinct(gen, b, m, 0, n)
     col = torch.full((b, 1), BOS, dtype=torch.long)
-    encoder_ids = torch.cat([col, _interleave(keys, values), torch.full_like(col, EOS)], dim=1)
+    if min_pairs is None or min_pairs == n:
+        which = sample_distinct(gen, b, m, 0, n)
+        encoder_ids = torch.cat([col, _interleave(keys, values), torch.full_like(col, EOS)], dim=1)
+    else:
+        pairs = torch.randint(min_pairs, n + 1, (b, 1), generator=gen)
+        # m distinct pair indices below each row's count: the m smallest of random scores, masked
+        scores = torch.rand(b, n, generator=gen).masked_fill(torch.arange(n) >= pairs, 2.0)
+        which = scores.argsort(dim=1)[:, :m]
+        body = torch.cat([_interleave(keys, values), torch.full_like(col, PAD)], dim=1)  # [B, 2N+1]
+        pos = torch.arange(2 * n + 1)
+        body = torch.where(pos < 2 * pairs, body, torch.where(pos == 2 * pairs, EOS, PAD))
+        encoder_ids = torch.cat([col, body], dim=1)
     decoder_ids = torch.cat([col, keys.gather(1, which)], dim=1)
     targets = torch.cat([torch.full_like(col, IGNORE_INDEX), values.gather(1, which)], dim=1)
     return encoder_ids.to(device), decoder_ids.to(device), targets.to(device)
