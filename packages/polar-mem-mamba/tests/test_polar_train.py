@@ -117,6 +117,16 @@ def test_sweep_trains_missing_runs_and_writes_reports(tmp_path):
     assert lines[0].startswith("run,architecture,num_pairs,d_state") and len(lines) == 5
     for name in ("heatmap_mamba2.png", "heatmap_attention.png", "cliff.png"):
         assert (out_dir / name).stat().st_size > 0
+    # a finished run trained under other base settings is not silently reused
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump({**sweep, "base": {**sweep["base"], "max_steps": 2, "log_every": 5}},
+                                     sort_keys=False))
+    with pytest.raises(ValueError, match=r"mamba2-N4-d4-lr0.001/results.json: trained with max_steps=1, but "
+                                         r"the sweep now sets 2; use another out_dir"):
+        load_sweep(edited, only=["num_pairs=4"])
+    relogged = tmp_path / "relogged.yaml"  # bookkeeping fields may change
+    relogged.write_text(yaml.safe_dump({**sweep, "base": {**sweep["base"], "log_every": 5}}, sort_keys=False))
+    assert len(load_sweep(relogged, only=["num_pairs=4"])[1]) == 4
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**sweep, "sweep": {"d_stat": [1]}}))
     with pytest.raises(ValueError, match="sweep: unknown Config field 'd_stat'"):

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,29 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), only: Sequence[s
             name = "-".join(f"{_SHORT.get(k, k + '=')}{v}" for k, v in point.items())
             fields = {**base, **point, "out_dir": str(out_dir / "runs"), "run_name": name}
             configs.setdefault(name, Config.from_dict(fields, source=f"{path} [{name}]"))
+    check_finished_runs(configs.values())
     return out_dir, list(configs.values())
+
+
+# Config fields that do not change what a run learns or how it is scored.
+BOOKKEEPING = ("out_dir", "run_name", "progress", "log_every", "save_every", "eval_every", "checkpoint",
+               "time_limit_s", "eval_batch_size", "compile")
+
+
+def check_finished_runs(configs: Iterable[Config]) -> None:
+    """Raise if a run's ``results.json`` was written under other settings than its grid point has now
+    (run names hold only the swept values, so an edited ``base`` would otherwise silently reuse it)."""
+    defaults = json.loads(json.dumps(Config().to_dict()))
+    for config in configs:
+        path = config.run_dir / "results.json"
+        if not path.is_file():
+            continue
+        saved = json.loads(path.read_text()).get("config", {})
+        for key, value in json.loads(json.dumps(config.to_dict())).items():
+            old = saved.get(key, defaults[key])
+            if key not in BOOKKEEPING and old != value:
+                raise ConfigError(f"{path}: trained with {key}={old!r}, but the sweep now sets {value!r}; "
+                                  "use another out_dir (--out-dir) or delete that run")
 
 
 def run_sweep(path: str | Path, overrides: Sequence[str] = (), only: Sequence[str] = (),
