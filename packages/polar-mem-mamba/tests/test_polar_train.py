@@ -55,6 +55,7 @@ def test_train_min_pairs_mixes_pair_counts_in_training_only():
     test = heldout_set(config, "test")["encoder_ids"]
     assert ((test[:, 1:-1] >= 10).sum(1) == 12).all()  # evaluation: num_pairs pairs in every example
     assert torch.equal(test, heldout_set(Config(**{**TINY, "num_pairs": 6}), "test")["encoder_ids"])
+    assert Config(**{**TINY, "num_pairs": 6, "train_min_pairs": 6}).train_min_pairs is None  # no mixture
 
 
 def test_loss_and_evaluate_on_an_untrained_model():

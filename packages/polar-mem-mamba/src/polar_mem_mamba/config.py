@@ -218,6 +218,8 @@ class Config:
         if low is not None and not self.num_queries <= low <= self.num_pairs:
             fail("train_min_pairs", f"null or an integer in [num_queries={self.num_queries}, "
                  f"num_pairs={self.num_pairs}]", low)
+        if low == self.num_pairs:  # no mixture: one spelling, so grids and finished runs compare equal
+            self.train_min_pairs = None
 
 
 # --------------------------------------------------------------------------------- validation
