@@ -168,23 +168,22 @@ RESULT_FILES = ("result.json", "error.json")
 def run_isolated(jobs: list[dict]) -> list[dict]:
     """All jobs at once, one spawned process each (they share the GPU). Results are read back from
     ``<out>/<name>/result.json`` (or ``error.json``), so a job whose process dies without raising (a native
-    abort in LAPACK, the OOM killer) loses only its own result; a pool would have killed its siblings."""
-    for job in jobs:
-        for name in RESULT_FILES:
-            (Path(job["out"]) / job["name"] / name).unlink(missing_ok=True)
+    abort in LAPACK, the OOM killer) loses only its own result; a pool would have killed its siblings.
+    Files older than this call (an earlier run's) are kept on disk but not taken as this run's result."""
+    started = time.time()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=run_job_or_error, args=(job,), name=job["name"]) for job in jobs]
     for proc in procs:
         proc.start()
     for proc in procs:
         proc.join()
-    return [_read_result(job, proc.exitcode) for job, proc in zip(jobs, procs)]
+    return [_read_result(job, proc.exitcode, started) for job, proc in zip(jobs, procs)]
 
 
-def _read_result(job: dict, exitcode: int | None) -> dict:
+def _read_result(job: dict, exitcode: int | None, since: float) -> dict:
     for name in RESULT_FILES:
         path = Path(job["out"]) / job["name"] / name
-        if path.exists():
+        if path.exists() and path.stat().st_mtime >= since:
             return json.loads(path.read_text())
     return {"job": job, "error": f"process exited with code {exitcode} before writing a result (see stderr)"}
 

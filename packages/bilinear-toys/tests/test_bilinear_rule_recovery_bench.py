@@ -2,7 +2,9 @@
 result (on an H100, 2026-12-07, one job's process died and a process pool took the others with it)."""
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -15,13 +17,16 @@ def test_isolated_jobs_keep_the_others_results(tmp_path, monkeypatch):
 
     tiny = {**g.DEFAULTS, "vocab_size": 64, "n_ctx": 16, "d_model": 16, "n_head": 2, "batch_size": 4,
             "time_s": 1.0, "pool": 64, "val_sequences": 8, "evals": 2, "max_offset": 4, "out": str(tmp_path)}
-    stale = tmp_path / "ok" / "result.json"
-    stale.parent.mkdir()
-    stale.write_text(json.dumps({"stale": True}))
+    old = tmp_path / "bad" / "result.json"  # an earlier run's result: kept, but not this run's
+    old.parent.mkdir()
+    old.write_text(json.dumps({"old": True}))
+    os.utime(old, (0, 0))
     jobs = [{**tiny, "name": "ok", "model_type": "attention_only_1L"},
             {**tiny, "name": "bad", "model_type": "no_such_model"}]
     ok, bad = g.run_isolated(jobs)
-    assert "stale" not in ok and ok["job"]["name"] == "ok" and "recovery" in ok and ok["steps"] > 0
+    assert ok["job"]["name"] == "ok" and "recovery" in ok and ok["steps"] > 0
     assert bad["job"]["name"] == "bad" and "no_such_model" in bad["error"]
     assert json.loads((tmp_path / "bad" / "error.json").read_text())["error"] == bad["error"]
-    assert g._read_result({**tiny, "name": "gone"}, -9)["error"].startswith("process exited with code -9")
+    assert json.loads(old.read_text()) == {"old": True}
+    gone = g._read_result({**tiny, "name": "bad"}, -9, since=time.time() + 60)  # nothing newer on disk
+    assert gone["error"].startswith("process exited with code -9")
