@@ -184,8 +184,8 @@ def test_encoder_decoder_mixture_of_pair_counts():
     queries = dec[:, 1:]
     assert (queries.sort(1).values.diff(dim=1) != 0).all()
     assert torch.equal(tgt[:, 1:], _lookup(keys, values, queries))  # every query is a present key
-    assert (keys.gather(1, (keys[:, :, None] == queries[:, None, :]).float().argmax(1)) == queries).all()
-    assert ((keys[:, :, None] == queries[:, None, :]).float().argmax(1) < counts[:, None]).all()
+    where = (keys[:, :, None] == queries[:, None, :]).float().argmax(1)  # [B, M]: each query's pair index
+    assert (keys.gather(1, where) == queries).all() and (where < counts[:, None]).all()
     # without a mixture the stream is the plain one
     plain = encoder_decoder_mqar(n, m, b, seed=4)
     assert all(torch.equal(x, y) for x, y in zip(plain, encoder_decoder_mqar(n, m, b, seed=4, min_pairs=n)))
