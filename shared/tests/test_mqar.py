@@ -194,6 +194,7 @@ def test_encoder_decoder_mixture_of_pair_counts():
 @pytest.mark.parametrize("call,match", [
     (lambda: encoder_decoder_mqar(8, 4, 2, min_pairs=3), r"min_pairs=3: expected an integer in \[num_q"),
     (lambda: encoder_decoder_mqar(8, 4, 2, min_pairs=9), "min_pairs=9"),
+    (lambda: encoder_decoder_mqar(1, 1, 2, min_pairs=True), "min_pairs=True"),
     (lambda: multiquery_ar(128, 4, 31, 8), "input_seq_len=31.*>= 32"),
     (lambda: multiquery_ar(128, 4, 48, 8, num_passes=3), "input_seq_len=48.*>= 64"),
     (lambda: multiquery_ar(16, 4, 64, 8), "vocab_size=16.*distinct keys"),

@@ -258,7 +258,8 @@ def encoder_decoder_mqar(
     if n > vocab_size - half:
         raise ValueError(f"num_pairs={n}: distinct values from [{half}, {vocab_size}) allow "
                          f"at most {vocab_size - half}")
-    if min_pairs is not None and not (isinstance(min_pairs, int) and m <= min_pairs <= n):
+    if min_pairs is not None and (isinstance(min_pairs, bool) or not isinstance(min_pairs, int)
+                                  or not m <= min_pairs <= n):
         raise ValueError(f"min_pairs={min_pairs!r}: expected an integer in [num_queries={m}, num_pairs={n}]")
     gen = _generator(seed)
     b = num_examples
