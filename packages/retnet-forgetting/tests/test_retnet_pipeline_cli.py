@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 import yaml
 from retnet_forgetting.cli import main
@@ -201,3 +202,17 @@ def test_train_tiny_saves_the_model_on_sigterm(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "t" / "train_summary.json").read_text())
     assert summary["interrupted"] and summary["steps"] == 2 and (model_dir / "config.json").exists()
     assert signal.getsignal(signal.SIGTERM) == before and len(calls) == 3  # handler restored
+
+
+def test_train_tiny_falls_back_or_refuses_where_fla_backward_is_miscompiled(monkeypatch, caplog):
+    import retnet_forgetting.train as train
+
+    monkeypatch.setattr(train, "fla_backward_hazard_on", lambda device: "Triton 3.6.0 miscompiles it")
+    with pytest.raises(ValueError, match="implementation='fla': Triton 3.6.0"):
+        train._trainable_implementation({"implementation": "fla", "device": "cuda"})
+    with caplog.at_level("WARNING"):
+        assert train._trainable_implementation({"implementation": "auto", "device": "cuda"}) == "reference"
+    assert "training the reference model" in caplog.text
+    assert train._trainable_implementation({"implementation": "reference", "device": "cuda"}) == "reference"
+    monkeypatch.setattr(train, "fla_backward_hazard_on", lambda device: None)
+    assert train._trainable_implementation({"implementation": "fla", "device": "cuda"}) == "fla"

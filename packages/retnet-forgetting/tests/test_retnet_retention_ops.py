@@ -188,3 +188,38 @@ def test_reference_accumulates_in_fp32_under_autocast():
         p = reference.parallel_retention(q, k, v)
     for got, want in ((o, plain_o), (s, plain_s), (p, plain_p)):
         assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("capability, version, hazard", [
+    ((9, 0), "3.6.0", True), ((9, 0), "3.4.0", True), ((9, 0), "3.7.0+gitabc", True),
+    ((9, 0), "3.7.1", False), ((9, 0), "3.3.1", False), ((8, 0), "3.6.0", False), ((10, 0), "3.6.0", False),
+])
+def test_fla_backward_hazard_is_hopper_with_triton_3_4_to_3_7_1(capability, version, hazard):
+    from retnet_forgetting.ops.retention import fla_backward_hazard
+
+    reason = fla_backward_hazard(capability, version)
+    assert (reason is not None) == hazard
+    if hazard:
+        assert version in reason and "#640" in reason
+
+
+def test_gradients_avoid_fla_where_its_backward_is_miscompiled(monkeypatch):
+    """Where fla's chunk backward is known to be broken, ``auto`` runs retention with gradients in
+    PyTorch (inference stays on fla) and an explicit ``fla`` is an error."""
+    import retnet_forgetting.ops.retention as ops
+
+    monkeypatch.setattr(ops, "resolve_backend",
+                        lambda backend, *t, fast: "torch" if backend == "torch" else fast)
+    monkeypatch.setattr(ops, "optional_import", lambda *a: object())
+    monkeypatch.setattr(ops, "fla_backward_hazard_on", lambda device: "Triton 3.6.0 miscompiles it")
+    q, k, v = _qkv()
+    assert ops._backend("auto", q, k, v) == "fla"
+    assert ops._backend("auto", q, k, v, backward=True) == "torch"
+    with pytest.raises(RuntimeError, match="backend='fla': Triton 3.6.0"):
+        ops._backend("fla", q, k, v, backward=True)
+    q.requires_grad_(True)
+    o, _ = retention(q, k, v, backend="auto")  # would import fla's kernels if it chose fla
+    o.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    with pytest.raises(RuntimeError, match="backend='fla'"):
+        retention(q, k, v, backend="fla")

@@ -25,6 +25,7 @@ import torch
 
 from retnet_forgetting.data.recall import RecallConfig, generate_recall_dataset
 from retnet_forgetting.loading import get_model_config, load_retnet_model
+from retnet_forgetting.ops.retention import fla_backward_hazard_on
 from retnet_forgetting.reference import RetNetConfig
 
 log = logging.getLogger("seqmem.retnet")
@@ -205,6 +206,23 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _trainable_implementation(cfg: dict[str, Any]) -> str:
+    """``cfg["implementation"]``, unless fla's backward is known to be miscompiled on the training GPU:
+    then ``"auto"`` trains the reference model (same weight names: the checkpoint loads into fla) and
+    ``"fla"`` is an error."""
+    implementation = cfg["implementation"]
+    if implementation == "reference":
+        return implementation
+    device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    hazard = fla_backward_hazard_on(device)
+    if hazard and implementation == "fla":
+        raise ValueError(f"implementation='fla': {hazard}; expected 'auto' or 'reference' to train here")
+    if hazard:
+        log.warning("train-tiny: %s; training the reference model (its checkpoint loads into fla)", hazard)
+        return "reference"
+    return implementation
+
+
 def train_tiny(cfg: dict[str, Any]) -> Path:
     """Train; returns the directory of the saved model (``out_dir/model``). ``out_dir/train_summary.json``
     holds the final metrics (loss, the model's recall accuracy per lag on validation names), the step
@@ -221,7 +239,7 @@ def train_tiny(cfg: dict[str, Any]) -> Path:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size}: expected >= {tokenizer.vocab_size}")
     torch.manual_seed(0)
     model, _ = load_retnet_model(model_cfg, device=cfg["device"], dtype=torch.float32,
-                                 implementation=cfg["implementation"], tokenizer=False,
+                                 implementation=_trainable_implementation(cfg), tokenizer=False,
                                  backend=cfg["backend"])
     model.train()
     implementation = get_model_config(model)["implementation"]

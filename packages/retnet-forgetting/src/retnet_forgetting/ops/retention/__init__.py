@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 
 import torch
 from seqmem_shared.backends import optional_import, resolve_backend
@@ -26,11 +27,12 @@ from retnet_forgetting.ops.retention.reference import (
 MODES = ("chunk", "recurrent", "parallel")
 BACKENDS = ("auto", "torch", "fla")  # the retention kernels (and the reference model's retention)
 STATE_BACKENDS = (*BACKENDS, "triton")  # states at positions: also the Triton in-chunk correction alone
+BAD_TRITON_ON_HOPPER = ((3, 4, 0), (3, 7, 1))  # [from, to): see fla_backward_hazard
 
 __all__ = [
     "BACKENDS", "DEFAULT_CHUNK_SIZE", "MODES", "STATE_BACKENDS", "check_backend", "chunk_output",
-    "chunk_retention", "chunk_states", "parallel_retention", "recurrent_retention", "retention",
-    "retention_log_decay", "states_at_positions",
+    "chunk_retention", "chunk_states", "fla_backward_hazard", "fla_backward_hazard_on",
+    "parallel_retention", "recurrent_retention", "retention", "retention_log_decay", "states_at_positions",
 ]
 
 
@@ -40,13 +42,44 @@ def check_backend(backend: str, allowed: tuple[str, ...] = BACKENDS) -> None:
         raise ValueError(f"backend={backend!r}: expected one of {allowed}")
 
 
-def _backend(backend: str, *tensors: torch.Tensor) -> str:
+def fla_backward_hazard(capability: tuple[int, int], triton_version: str) -> str | None:
+    """Why fla's chunked retention backward cannot be trusted on a GPU of compute ``capability`` with
+    Triton ``triton_version``, or None. Triton >= 3.4.0 and < 3.7.1 miscompiles fla's
+    ``chunk_bwd_kernel_dqkwg`` on Hopper (sm_90): wrong ``dk`` (fla issue #640) and, for some shapes, an
+    illegal memory access (a 2-layer RetNet with d_k 32 on an H100 with Triton 3.6, 2026-12-07)."""
+    release = tuple(int(x) for x in re.findall(r"\d+", triton_version)[:3])
+    if tuple(capability)[:1] != (9,) or not BAD_TRITON_ON_HOPPER[0] <= release < BAD_TRITON_ON_HOPPER[1]:
+        return None
+    return (f"Triton {triton_version} miscompiles fla's chunked retention backward on Hopper "
+            "(fla issue #640; fixed in Triton 3.7.1)")
+
+
+def fla_backward_hazard_on(device: torch.device | str) -> str | None:
+    """:func:`fla_backward_hazard` for ``device`` (None off CUDA or without Triton)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        import triton
+    except ImportError:
+        return None
+    return fla_backward_hazard(torch.cuda.get_device_capability(device), triton.__version__)
+
+
+def _backend(backend: str, *tensors: torch.Tensor, backward: bool = False) -> str:
+    """The backend that runs; ``backward``: gradients will flow through fla's chunked kernels."""
     check_backend(backend)
     choice = resolve_backend(backend, *tensors, fast="fla")
     if choice == "fla" and optional_import("fla.ops.retention", "retention kernels") is None:
         if backend == "fla":
             raise RuntimeError("backend='fla' requested but fla is not importable "
                                "(pip install flash-linear-attention)")
+        return "torch"
+    hazard = fla_backward_hazard_on(tensors[0].device) if choice == "fla" and backward else None
+    if hazard:
+        if backend == "fla":
+            raise RuntimeError(f"backend='fla': {hazard}; expected backend='auto' or 'torch' for training")
+        _warn_once(f"{hazard}: retention with gradients runs in PyTorch")
         return "torch"
     return choice
 
@@ -64,7 +97,9 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "ch
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     if mode == "parallel" and (initial_state is not None or output_final_state):
         raise ValueError("mode='parallel' takes no initial_state and returns no final state; use 'chunk'")
-    if _backend(backend, q, k, v) == "fla":
+    tensors = (q, k, v) if initial_state is None else (q, k, v, initial_state)
+    backward = mode == "chunk" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if _backend(backend, q, k, v, backward=backward) == "fla":
         from retnet_forgetting.ops.retention.fla_kernels import fla_retention
 
         return fla_retention(q, k, v, mode, scale, initial_state, output_final_state)
