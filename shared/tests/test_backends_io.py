@@ -15,6 +15,14 @@ def test_auto_picks_reference_for_cpu_tensors() -> None:
     assert backends.resolve_backend("torch", torch.zeros(2)) == "torch"
 
 
+def test_default_device_is_cuda_when_available(monkeypatch) -> None:
+    assert backends.default_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.default_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backends.default_device() == torch.device("cuda")
+
+
 def test_unknown_backend_names_the_choices() -> None:
     with pytest.raises(ValueError, match="backend='cuda'.*'auto', 'torch', 'triton'"):
         backends.resolve_backend("cuda", torch.zeros(1))

@@ -24,6 +24,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 BACKENDS = ("auto", "torch", "triton")
 
 
+def default_device(device: torch.device | str | None = None) -> torch.device:
+    """``device``, or CUDA when available and the CPU otherwise when it is None."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 @functools.cache
 def optional_import(module: str, purpose: str = "") -> ModuleType | None:
     """Import ``module`` or return None, logging the reason once per module."""

@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from seqmem_shared.backends import default_device
+
 __all__ = ["Peak", "Timing", "copy_bandwidth_gbps", "environment", "measure", "median_ms", "peak_memory",
            "print_json", "short_error"]
 
@@ -41,12 +43,6 @@ class Timing:
         return {k: round(v, digits) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def _device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def measure(fn: Callable[[], Any], *, warmup: int = 5, reps: int = 50,
             device: torch.device | str | None = None, grad_to_none: Iterable[torch.Tensor] = (),
             flush_l2: bool = False) -> Timing:
@@ -59,7 +55,7 @@ def measure(fn: Callable[[], Any], *, warmup: int = 5, reps: int = 50,
     """
     if reps < 1 or warmup < 0:
         raise ValueError(f"measure: expected reps >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
-    device = _device(device)
+    device = default_device(device)
     leaves = list(grad_to_none)
 
     def reset() -> None:
@@ -111,7 +107,7 @@ class Peak(NamedTuple):
 
 def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None) -> Peak | None:
     """Peak CUDA memory allocated during ``fn()`` (None when ``device`` is not a CUDA device)."""
-    device = _device(device)
+    device = default_device(device)
     if device.type != "cuda":
         fn()
         return None
@@ -126,7 +122,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None)
 
 def copy_bandwidth_gbps(nbytes: int = 2**30, device: torch.device | str | None = None) -> float:
     """Device-to-device copy bandwidth, bytes read + written per second / 1e9, measured on ``nbytes``."""
-    device = _device(device)
+    device = default_device(device)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), warmup=5, reps=50, device=device)
@@ -154,7 +150,7 @@ def environment(*packages: str, device: torch.device | str | None = None) -> dic
     """What a benchmark ran on: UTC date, device (the GPU's name, else "cpu"), torch, CUDA, triton and
     python versions, plus the installed version (or "unavailable") of each distribution in ``packages``
     under its name with ``-`` -> ``_`` (``environment("liger-kernel")`` adds ``"liger_kernel"``)."""
-    device = _device(device)
+    device = default_device(device)
     info: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from seqmem_shared.backends import optional_import
+from seqmem_shared.backends import default_device, optional_import
 from torch import nn
 
 from retnet_forgetting.ops.retention import check_backend, retention_log_decay
@@ -40,7 +40,7 @@ def load_retnet_model(name_or_path: str | Path | RetNetConfig | dict = DEFAULT_M
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS}")
     check_backend(backend)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     use_fla = implementation == "fla" or (implementation == "auto" and device.type == "cuda"
                                           and optional_import("fla.models", "RetNet models") is not None)
     if use_fla and optional_import("fla.models", "RetNet models") is None:

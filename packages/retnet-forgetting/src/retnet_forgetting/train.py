@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from seqmem_shared.backends import default_device
 
 from retnet_forgetting.data.recall import RecallConfig, generate_recall_dataset
 from retnet_forgetting.loading import get_model_config, load_retnet_model
@@ -213,8 +214,7 @@ def _trainable_implementation(cfg: dict[str, Any]) -> str:
     implementation = cfg["implementation"]
     if implementation == "reference":
         return implementation
-    device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    hazard = fla_backward_hazard_on(device)
+    hazard = fla_backward_hazard_on(default_device(cfg["device"] or None))
     if hazard and implementation == "fla":
         raise ValueError(f"implementation='fla': {hazard}; expected 'auto' or 'reference' to train here")
     if hazard:
