@@ -54,8 +54,10 @@ def fla_backward_hazard(capability: tuple[int, int], triton_version: str) -> str
             "(fla issue #640; fixed in Triton 3.7.1)")
 
 
+@functools.cache
 def fla_backward_hazard_on(device: torch.device | str) -> str | None:
-    """:func:`fla_backward_hazard` for ``device`` (None off CUDA or without Triton)."""
+    """:func:`fla_backward_hazard` for ``device`` (None off CUDA or without Triton); cached, since every
+    retention call with gradients asks."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
