@@ -24,8 +24,12 @@ ENC_DEC_VOCAB_SIZE = 8192
 _CHUNK_ELEMS = 1 << 22  # bound on the [rows, n] float scratch of one sampling chunk
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not _is_int(value) or value < minimum:
         raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
     return value
 
@@ -258,8 +262,7 @@ def encoder_decoder_mqar(
     if n > vocab_size - half:
         raise ValueError(f"num_pairs={n}: distinct values from [{half}, {vocab_size}) allow "
                          f"at most {vocab_size - half}")
-    if min_pairs is not None and (isinstance(min_pairs, bool) or not isinstance(min_pairs, int)
-                                  or not m <= min_pairs <= n):
+    if min_pairs is not None and not (_is_int(min_pairs) and m <= min_pairs <= n):
         raise ValueError(f"min_pairs={min_pairs!r}: expected an integer in [num_queries={m}, num_pairs={n}]")
     gen = _generator(seed)
     b = num_examples
