@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from seqmem_shared.backends import default_device
 
 from bilinear_toys.checkpoint import save_model
 from bilinear_toys.data import SyntheticLanguage
@@ -98,7 +99,7 @@ def train_model(model_config: ModelConfig, data: DataSpec, train_config, out_dir
     """Train with :class:`seqmem_shared.train.Trainer`, then save config + safetensors under ``out_dir``."""
     from seqmem_shared.train import Trainer, seed_everything
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     seed_everything(train_config.seed)
     model = ToyTransformer(model_config).to(device)
     trainer = Trainer(model, train_config, lm_loss, data.train, eval_fn=make_eval_fn(data.val_batches))

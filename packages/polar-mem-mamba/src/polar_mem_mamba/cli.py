@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from seqmem_shared.backends import default_device
 from seqmem_shared.io import atomic_write_json
 from seqmem_shared.train import CheckpointError, load_checkpoint
 
@@ -55,7 +56,7 @@ def evaluate_run(config: Config, checkpoint: str | None = None, out: str | None 
         log.info("seqmem: no checkpoint for %s; training one first", config.run_name)
         train(config)
         path = config.run_dir / "checkpoint.pt"
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device()
     model = build_model(config, device=device)
     ckpt = load_checkpoint(path, model, restore_rng=False)
     return write_results(config, model, int(ckpt["step"]), path, out)

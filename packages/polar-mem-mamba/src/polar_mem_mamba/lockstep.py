@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from seqmem_shared.backends import default_device
 from seqmem_shared.optim import build_optimizer, cosine_with_warmup
 from seqmem_shared.optim.schedule import warmup_cosine_factor
 from seqmem_shared.train import save_checkpoint
@@ -153,7 +154,7 @@ def train_lockstep(configs: Sequence[Config], device: torch.device | str | None 
     keys = {group_key(c) for c in configs}
     if len(keys) > 1:
         raise ValueError(f"train_lockstep: runs must share {', '.join(GROUP_FIELDS)}; got {sorted(keys)}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     first = configs[0]
     use_graphs = graphs and device.type == "cuda" and first.max_steps > WARMUP_STEPS
     runs = [_Run(c, device, tensor_lr=use_graphs) for c in configs]
