@@ -95,7 +95,7 @@ def test_shipped_configs_load():
     assert {c.d_state for c in grid} == {16, 32, 64, 128}
     for name, runs in (("capacity_cliff_small.yaml", 4 * 4 * 4 * 3 + 4 * 3), ("capacity_cliff_h200.yaml", 63),
                        ("capacity_cliff_cpu.yaml", None), ("lr_precision_probe_cpu.yaml", 9),
-                       ("mixture_probe_cpu.yaml", 9), ("warmup_probe_cpu.yaml", 12), ("warmup_gpu.yaml", 22)):
+                       ("mixture_probe_cpu.yaml", 9), ("warmup_probe_cpu.yaml", 14), ("warmup_gpu.yaml", 22)):
         _, grid = load_sweep(configs / name)
         assert len({c.run_name for c in grid}) == len(grid) and (runs is None or len(grid) == runs), name
         assert all(c.backend == "torch" for c in grid), name
