@@ -9,9 +9,18 @@ import torch
 import yaml
 from polar_mem_mamba import Config
 from polar_mem_mamba.cli import eval_main, train_main
+from polar_mem_mamba.config import ConfigError
 from polar_mem_mamba.data import MQARBatches, heldout_set
+from polar_mem_mamba.lockstep import train_lockstep
 from polar_mem_mamba.sweep import load_sweep, run_sweep
-from polar_mem_mamba.train import answer_accuracy, build_model, evaluate, mqar_loss, train_config
+from polar_mem_mamba.train import (
+    answer_accuracy,
+    build_model,
+    evaluate,
+    initial_model,
+    mqar_loss,
+    train_config,
+)
 
 TINY = dict(d_model=32, d_state=8, headdim=16, n_heads=2, encoder_layers=2, decoder_layers=2,
             cross_attn_layers=[0], mem_pool_size=4, mem_summary_dim=16, mem_update_freq=2, chunk_size=16,
@@ -87,6 +96,25 @@ def test_align_eval_trains_first_then_reuses_the_checkpoint(tmp_path, capsys):
     eval_main(["--config", str(path), "--set", "eval_examples=8"])
     assert (run / "checkpoint.pt").stat().st_mtime_ns == mtime, "an existing checkpoint must not be retrained"
     assert json.loads((run / "results.json").read_text())["num_examples"] == 8
+
+
+def test_init_from_starts_a_curriculum_stage_from_another_runs_weights(tmp_path):
+    train_main(["--config", str(_write(tmp_path, name="stage1"))])
+    stage1 = tmp_path / "out" / "stage1" / "checkpoint.pt"
+    trained = torch.load(stage1, weights_only=True)["model"]
+    stage2 = Config(**{**TINY, "num_pairs": 6, "seed": 5}, init_from=str(stage1))
+    model = initial_model(stage2)
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    fresh = build_model(stage2)
+    assert not all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+    # the lockstep sweep trainer starts from the same weights (one AdamW step of 1e-12 moves them ~1e-12)
+    once = {**TINY, "max_steps": 1, "warmup_steps": 0, "learning_rate": 1e-12}
+    [(lock, _)] = train_lockstep([Config(**once, init_from=str(stage1), out_dir=str(tmp_path / "lock"))])
+    assert all(torch.allclose(v, trained[k], rtol=0, atol=1e-9) for k, v in lock.state_dict().items())
+    with pytest.raises(ConfigError, match=r"^Config.init_from: checkpoint file not found: .*nowhere.pt$"):
+        initial_model(Config(**TINY, init_from=str(tmp_path / "nowhere.pt")))
+    with pytest.raises(ConfigError, match=r"^Config.init_from: .*stage1.*checkpoint.pt"):
+        initial_model(Config(**{**TINY, "d_state": 4}, init_from=str(stage1)))
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -89,7 +89,9 @@ class Config:
     pair counts; evaluation always uses ``num_pairs``. Training: AdamW with warmup + cosine, global
     ``batch_size`` (split over ranks); ``time_limit_s`` (null: none) ends a run after the first step at
     which it has trained that many seconds in this invocation, then evaluates and saves; rerunning resumes
-    (see ``TrainConfig``; the lockstep sweep trainer ignores it).
+    (see ``TrainConfig``; the lockstep sweep trainer ignores it). ``init_from`` (null: off) starts
+    training from another run's model weights (a curriculum stage, e.g. the 8-pair model trained on
+    16 pairs); optimizer, schedule and step start fresh, and resuming the run itself takes precedence.
     ``backend``: "auto" uses mamba_ssm / causal_conv1d / flash_attn on CUDA when installed, "torch"
     forces the pure-PyTorch references.
     """
@@ -140,6 +142,7 @@ class Config:
     out_dir: str = "outputs"
     run_name: str = ""
     checkpoint: str | None = None
+    init_from: str | None = None
     progress: bool = True
     _source: str = field(default="", repr=False, compare=False)
 
@@ -268,5 +271,6 @@ _CHECKS: dict[str, Check] = {
     "out_dir": string(),
     "run_name": string(),
     "checkpoint": optional(string(nonempty=True), expected="a file path or null"),
+    "init_from": optional(string(nonempty=True), expected="a checkpoint path or null"),
     "progress": boolean(),
 }

@@ -36,7 +36,7 @@ from torch import nn
 
 from polar_mem_mamba.config import Config, ConfigError
 from polar_mem_mamba.data import Batch, MQARBatches, heldout_set
-from polar_mem_mamba.train import _write_config, build_model, evaluate, mqar_loss, train_config
+from polar_mem_mamba.train import _write_config, evaluate, initial_model, mqar_loss, train_config
 
 log = logging.getLogger("seqmem")
 
@@ -64,7 +64,7 @@ class _Run:
 
     def __init__(self, config: Config, device: torch.device, tensor_lr: bool) -> None:
         self.config, self.device = config, device
-        self.model = build_model(config, device=device)
+        self.model = initial_model(config, device=device)
         self.optimizer = build_optimizer(self.model, name="adamw", lr=config.learning_rate,
                                          weight_decay=config.weight_decay, betas=config.betas)
         self.scheduler = cosine_with_warmup(self.optimizer, config.warmup_steps, config.max_steps,

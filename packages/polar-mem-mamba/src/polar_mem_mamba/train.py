@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from seqmem_shared import config as shared_config
 from seqmem_shared.kernels import cross_entropy
-from seqmem_shared.train import TrainConfig, Trainer, init_distributed
+from seqmem_shared.train import CheckpointError, TrainConfig, Trainer, init_distributed, load_checkpoint
 from torch import nn
 
 from polar_mem_mamba.config import Config, ConfigError
@@ -32,6 +33,22 @@ def build_model(config: Config, device: torch.device | str | None = None) -> Hyb
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return HybridMambaEncoderDecoder(config, device=device)
+
+
+def initial_model(config: Config, device: torch.device | str | None = None) -> HybridMambaEncoderDecoder:
+    """The model a run starts training from: :func:`build_model`, then the weights of
+    ``config.init_from`` when it names a checkpoint (errors name the field)."""
+    model = build_model(config, device=device)
+    if config.init_from is not None:
+        path = Path(config.init_from)
+        if not path.is_file():
+            raise ConfigError(f"Config.init_from: checkpoint file not found: {path}")
+        try:
+            load_checkpoint(path, model, restore_rng=False)
+        except CheckpointError as exc:
+            raise ConfigError(f"Config.init_from: {exc}") from None
+        log.info("seqmem: %s starts from the weights of %s", config.run_name or "run", path)
+    return model
 
 
 def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +137,7 @@ def train(config: Config) -> tuple[HybridMambaEncoderDecoder, dict[str, Any]]:
     Writes ``checkpoint.pt``, ``metrics.jsonl`` and ``config.yaml`` under ``config.run_dir``.
     """
     dist = init_distributed()
-    model = build_model(config, device=dist.device)
+    model = initial_model(config, device=dist.device)
     validation = heldout_set(config, "validation", dist.device)
 
     def eval_fn(raw_model: nn.Module) -> dict[str, float]:
