@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from seqmem_shared.backends import default_device
 from seqmem_shared.config import (
     Check,
     ConfigError,
@@ -296,7 +297,7 @@ def train(cfg: TrainMACConfig, resume: bool = True, progress: bool = True) -> di
     from seqmem_shared.train import TrainConfig, Trainer
 
     train_bytes, val = load_byte_splits(cfg.data_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     torch.manual_seed(cfg.seed)
     model = cfg.build_model().to(device)
     val_crops = RandomCrops(val, cfg.seq_len, cfg.batch_size, seed=cfg.seed + 1, device=device)

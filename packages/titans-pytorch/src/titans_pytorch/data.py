@@ -45,7 +45,8 @@ class RandomCrops:
     ``crops(index) -> LongTensor [batch_size, seq_len + 1]``.
     """
 
-    def __init__(self, data: Tensor, seq_len: int, batch_size: int, seed: int = 0, device: str | None = None):
+    def __init__(self, data: Tensor, seq_len: int, batch_size: int, seed: int = 0,
+                 device: torch.device | str | None = None):
         if len(data) <= seq_len + 1:
             raise ValueError(f"seq_len: {seq_len} needs more than {len(data)} bytes of data")
         self.data, self.seq_len, self.batch_size, self.seed, self.device = (
