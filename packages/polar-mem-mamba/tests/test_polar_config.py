@@ -95,7 +95,24 @@ def test_shipped_configs_load():
     assert {c.d_state for c in grid} == {16, 32, 64, 128}
     for name, runs in (("capacity_cliff_small.yaml", 4 * 4 * 4 * 3 + 4 * 3), ("capacity_cliff_h200.yaml", 63),
                        ("capacity_cliff_cpu.yaml", None), ("lr_precision_probe_cpu.yaml", 9),
-                       ("mixture_probe_cpu.yaml", 9), ("warmup_probe_cpu.yaml", 14), ("warmup_gpu.yaml", 22)):
+                       ("mixture_probe_cpu.yaml", 9), ("warmup_probe_cpu.yaml", 14), ("warmup_gpu.yaml", 22),
+                       ("curriculum_gpu.yaml", 51)):
         _, grid = load_sweep(configs / name)
         assert len({c.run_name for c in grid}) == len(grid) and (runs is None or len(grid) == runs), name
         assert all(c.backend == "torch" for c in grid), name
+
+
+def test_sweep_init_from_names_each_runs_own_start_point(tmp_path):
+    from polar_mem_mamba.sweep import load_sweep
+
+    def sweep(init_from: str):
+        path = tmp_path / "stage2.yaml"
+        path.write_text(f"out_dir: {tmp_path / 'stage2'}\nbase:\n  init_from: '{init_from}'\n"
+                        "sweep:\n  num_pairs: [16]\n  d_state: [4, 32]\n  seed: [0, 1]\n")
+        return load_sweep(path)[1]
+
+    grid = sweep("stage1/runs/N8-d{d_state}-{architecture}-lr{learning_rate}-s{seed}/checkpoint.pt")
+    assert sorted(c.init_from for c in grid) == [
+        f"stage1/runs/N8-d{d}-hybrid-lr0.0003-s{s}/checkpoint.pt" for d in (32, 4) for s in (0, 1)]
+    with pytest.raises(ConfigError, match=r"init_from: .*placeholders must be \{Config field\}.*'d_stat'"):
+        sweep("stage1/N8-d{d_stat}/checkpoint.pt")

@@ -98,9 +98,23 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), only: Sequence[s
             point = dict(zip(grid, values))
             name = "-".join(f"{_SHORT.get(k, k + '=')}{v}" for k, v in point.items())
             fields = {**base, **point, "out_dir": str(out_dir / "runs"), "run_name": name}
+            if isinstance(fields.get("init_from"), str):
+                fields["init_from"] = _fill_init_from(fields, f"{path} [{name}]")
             configs.setdefault(name, Config.from_dict(fields, source=f"{path} [{name}]"))
     check_finished_runs(configs.values())
     return out_dir, list(configs.values())
+
+
+def _fill_init_from(fields: dict[str, Any], where: str) -> str:
+    """A sweep's ``init_from`` names each run's own start point: ``{field}`` is that run's value of a
+    Config field (a curriculum stage: ``.../runs/N8-d{d_state}-{architecture}-lr{learning_rate}-s{seed}/
+    checkpoint.pt``)."""
+    template = fields["init_from"]
+    try:
+        return template.format(**{**Config().to_dict(), **fields})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"{where}: init_from: {template!r}: placeholders must be {{Config field}} "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 # Config fields that do not change what a run learns or how it is scored.
