@@ -93,13 +93,14 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = (), only: Sequence[s
     base.update(parse_overrides(overrides))
     out_dir = Path(out_dir if out_dir is not None else data.get("out_dir", "outputs/sweep"))
     configs: dict[str, Config] = {}
+    defaults = Config().to_dict()
     for grid in grids:
         for values in itertools.product(*grid.values()):
             point = dict(zip(grid, values))
             name = "-".join(f"{_SHORT.get(k, k + '=')}{v}" for k, v in point.items())
             fields = {**base, **point, "out_dir": str(out_dir / "runs"), "run_name": name}
             if isinstance(fields.get("init_from"), str):
-                fields["init_from"] = _fill_init_from(fields, f"{path} [{name}]")
+                fields["init_from"] = _fill_init_from({**defaults, **fields}, f"{path} [{name}]")
             configs.setdefault(name, Config.from_dict(fields, source=f"{path} [{name}]"))
     check_finished_runs(configs.values())
     return out_dir, list(configs.values())
@@ -111,7 +112,7 @@ def _fill_init_from(fields: dict[str, Any], where: str) -> str:
     checkpoint.pt``)."""
     template = fields["init_from"]
     try:
-        return template.format(**{**Config().to_dict(), **fields})
+        return template.format(**fields)
     except (KeyError, IndexError, ValueError) as exc:
         raise ConfigError(f"{where}: init_from: {template!r}: placeholders must be {{Config field}} "
                           f"({type(exc).__name__}: {exc})") from None
