@@ -96,10 +96,18 @@ def test_shipped_configs_load():
     for name, runs in (("capacity_cliff_small.yaml", 4 * 4 * 4 * 3 + 4 * 3), ("capacity_cliff_h200.yaml", 63),
                        ("capacity_cliff_cpu.yaml", None), ("lr_precision_probe_cpu.yaml", 9),
                        ("mixture_probe_cpu.yaml", 9), ("warmup_probe_cpu.yaml", 14), ("warmup_gpu.yaml", 22),
-                       ("curriculum_gpu.yaml", 51)):
+                       ("curriculum_gpu.yaml", 51), ("pool_curriculum_8_gpu.yaml", 24)):
         _, grid = load_sweep(configs / name)
         assert len({c.run_name for c in grid}) == len(grid) and (runs is None or len(grid) == runs), name
         assert all(c.backend == "torch" for c in grid), name
+    # each curriculum stage starts every run from the previous stage's run of the same settings
+    previous_dir, previous = load_sweep(configs / "pool_curriculum_8_gpu.yaml")
+    for pairs in (16, 32):
+        stage_dir, stage = load_sweep(configs / f"pool_curriculum_{pairs}_gpu.yaml")
+        starts = {Path(c.run_dir) / "checkpoint.pt" for c in previous}
+        assert len(stage) == len(previous) and {Path(c.init_from) for c in stage} == starts, pairs
+        assert all(c.num_pairs == pairs for c in stage), pairs
+        previous = stage
 
 
 def test_sweep_init_from_names_each_runs_own_start_point(tmp_path):
