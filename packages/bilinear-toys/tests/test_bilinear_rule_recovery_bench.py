@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -30,3 +32,23 @@ def test_isolated_jobs_keep_the_others_results(tmp_path, monkeypatch):
     assert json.loads(old.read_text()) == {"old": True}
     gone = g._read_result({**tiny, "name": "bad"}, -9, since=time.time() + 60)  # nothing newer on disk
     assert gone["error"].startswith("process exited with code -9")
+
+
+def test_shipped_plans_name_known_fields_and_buildable_models(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("gpu_rule_recovery", None)
+    import gpu_rule_recovery as g
+
+    known = set(g.DEFAULTS) | {"name", "model_type", "group", "data_seed", "fit_margin", "mlp"}
+    tokens = torch.randint(0, 16, (1, 8), generator=torch.Generator().manual_seed(0))
+    plans = sorted((BENCH / "plans").glob("*.json"))
+    assert plans
+    for path in plans:
+        plan = json.loads(path.read_text())
+        jobs = [{**g.DEFAULTS, **plan.get("defaults", {}), **job} for job in plan["jobs"]]
+        assert len({job["name"] for job in jobs}) == len(jobs), path.name
+        for job in jobs:
+            assert set(job) <= known, (path.name, set(job) - known)
+            # the job's architecture at a tiny width (same heads, so divisibility is checked too)
+            model = g.build_model({**job, "d_model": 8 * job["n_head"], "vocab_size": 16, "n_ctx": 8})
+            assert model(tokens).shape == (1, 8, 16), (path.name, job["name"])
