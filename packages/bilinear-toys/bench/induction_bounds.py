@@ -1,0 +1,115 @@
+"""How far can a copier that matches only the last k tokens get on the synthetic language's induction
+positions? (A lower bound on what a short-match induction circuit pays, no model involved.)
+
+For every token produced by induction (the 2nd..nth token of a replayed span) on the validation set of
+``gpu_rule_recovery.py``, the *k-match copier* looks for the earlier positions whose last ``k'`` tokens equal
+the current last ``k'`` tokens, with ``k'`` the longest match up to ``k`` that any earlier position has,
+and spreads its copy prediction uniformly over the tokens that followed them. Its **ambiguity cost**
+``-log(share of those candidates followed by the true token)`` is zero for a copier that knows the
+replayed source; a two-layer induction circuit (previous-token head, then a match on one token) is the
+k = 1 copier at best. Also reported: the achievable (Bayes) induction loss by position in the span, and
+the **span-end cost**: what a copier that cannot count how far the span has run pays over one that can,
+with span lengths uniform over ``span_len`` (the Bayes filter knows the count)::
+
+    python3 packages/bilinear-toys/bench/induction_bounds.py --seeds 2 3 [--sequences 2048] > bounds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import torch
+from bilinear_toys.data.bayes import bayes_nll
+from bilinear_toys.data.synthetic import INDUCTION, SyntheticLanguage
+
+
+def ambiguity_cost(seq: list[int], t: int, k: int) -> float:
+    """``-log`` share of the longest-match (up to ``k`` tokens) candidates for ``seq[t]`` that predict it."""
+    best, cands = 0, []
+    for j in range(t - 1):  # j plays the role of t - 1: its next token seq[j + 1] is known
+        n = 0
+        while n < k and j - n >= 0 and seq[j - n] == seq[t - 1 - n]:
+            n += 1
+        if n > best:
+            best, cands = n, [j]
+        elif n == best and n > 0:
+            cands.append(j)
+    if not cands:
+        return math.inf
+    hits = sum(seq[j + 1] == seq[t] for j in cands)
+    return math.inf if hits == 0 else -math.log(hits / len(cands))
+
+
+def span_end_cost(span_len: tuple[int, int]) -> dict[str, float]:
+    """Per induction token: the continuation loss of a copier that knows how many tokens of the span it
+    has replayed (``counting``) and of the best one that does not (``blind``: one continuation rate)."""
+    lo, hi = span_len
+    lengths = range(lo, hi + 1)
+    # a span of n tokens has induction tokens at positions 2..n and, if n < hi, one "stop" at n + 1
+    tokens = sum(n - 1 for n in lengths) / len(lengths)
+    stops = sum(n < hi for n in lengths) / len(lengths)
+    counting = 0.0
+    for m in range(2, hi + 1):
+        alive = sum(n >= m - 1 for n in lengths)
+        go = sum(n >= m for n in lengths)
+        counting += (go / len(lengths)) * -math.log(go / alive)
+    c = tokens / (tokens + stops)
+    return {"counting": counting / tokens, "blind": -math.log(c), "blind_rate": c}
+
+
+def _summary(costs: list[float]) -> dict[str, float]:
+    """Mean cost where the copier can name the token at all; how often it hedges; how often it cannot
+    (every longest-match candidate predicts another token: a chance match longer than the replay so far)."""
+    v = np.asarray(costs)
+    finite = v[np.isfinite(v)]
+    return {"mean_where_possible": float(finite.mean()),
+            "share_hedged": float(np.count_nonzero(finite > 0) / v.size),
+            "share_impossible": float(1 - finite.size / v.size)}
+
+
+def bounds(lang: SyntheticLanguage, sequences: int, ks: tuple[int, ...]) -> dict:
+    tokens, rule = lang.generate(sequences, seed=lang.seed + 20_000)
+    achievable = bayes_nll(lang, tokens)
+    costs = {k: [] for k in ks}
+    by_pos: dict[int, list[float]] = {}
+    for row, labels, nll in zip(tokens.tolist(), rule.tolist(), achievable.tolist()):
+        run = 1
+        for t in range(1, len(row)):
+            if labels[t] != INDUCTION:
+                run = 1
+                continue
+            run += 1  # position in the span: its first token is a random event
+            by_pos.setdefault(run, []).append(nll[t])
+            for k in ks:
+                costs[k].append(ambiguity_cost(row, t, k))
+    n = sum(len(v) for v in by_pos.values())
+    return {
+        "language_seed": lang.seed,
+        "induction_tokens": n,
+        "achievable": float(np.mean([x for v in by_pos.values() for x in v])),
+        "achievable_by_span_position": {m: {"count": len(v), "mean": float(np.mean(v))}
+                                        for m, v in sorted(by_pos.items())},
+        "ambiguity_cost": {f"k={k}": _summary(v) for k, v in costs.items()},
+        "span_end_cost": span_end_cost(lang.span_len),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[2, 3], help="language seeds")
+    p.add_argument("--sequences", type=int, default=2048)
+    p.add_argument("--vocab_size", type=int, default=128)
+    p.add_argument("--n_ctx", type=int, default=64)
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 8])
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    for seed in args.seeds:
+        lang = SyntheticLanguage(vocab_size=args.vocab_size, seq_len=args.n_ctx + 1, seed=seed)
+        print(json.dumps(bounds(lang, args.sequences, tuple(args.ks))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
