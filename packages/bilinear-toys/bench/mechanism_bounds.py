@@ -1,17 +1,23 @@
-"""How far can a copier that matches only the last k tokens get on the synthetic language's induction
-positions? (A lower bound on what a short-match induction circuit pays, no model involved.)
+"""What simple circuits pay on the synthetic language's induction and bracket tokens, no model involved:
+the size of the gaps a trained model leaves to the achievable (Bayes) loss when it learns such a circuit.
 
-For every token produced by induction (the 2nd..nth token of a replayed span) on the validation set of
-``gpu_rule_recovery.py``, the *k-match copier* looks for the earlier positions whose last ``k'`` tokens equal
-the current last ``k'`` tokens, with ``k'`` the longest match up to ``k`` that any earlier position has,
-and spreads its copy prediction uniformly over the tokens that followed them. Its **ambiguity cost**
-``-log(share of those candidates followed by the true token)`` is zero for a copier that knows the
-replayed source; a two-layer induction circuit (previous-token head, then a match on one token) is the
-k = 1 copier at best. Also reported: the achievable (Bayes) induction loss by position in the span, and
-the **span-end cost**: what a copier that cannot count how far the span has run pays over one that can,
-with span lengths uniform over ``span_len`` (the Bayes filter knows the count)::
+**Induction** (the 2nd..nth token of a replayed span). The *k-match copier* looks for the earlier
+positions whose last ``k'`` tokens equal the current last ``k'`` tokens, with ``k'`` the longest match up to
+``k`` that any earlier position has, and spreads its copy prediction uniformly over the tokens that
+followed them. Its **ambiguity cost** ``-log(share of those candidates followed by the true token)`` is zero
+for a copier that knows the replayed source; the classic two-layer induction circuit (previous-token
+head, then a match on the current token) is the k = 1 copier. Also: the achievable induction loss by
+position in the span, and the **span-end cost** of a copier that cannot count how far the span has run
+(span lengths uniform over ``span_len``; the Bayes filter counts).
 
-    python3 packages/bilinear-toys/bench/induction_bounds.py --seeds 2 3 [--sequences 2048] > bounds.json
+**Brackets** (a closer of the innermost open bracket). The *counting closer* keeps, per bracket type,
+openers minus closers seen (what attention can sum); with one type open it names its closer, with both
+open it gives the closer of the most recent opener the share ``q`` that is right on this data and the
+other closer the rest. Reported: how often both types are open, ``q``, the counting closer's cost
+``-log(share given to the true closer)``, and how often a stack of the bracket tokens as seen has the true
+closer's opener on top (copied openers are not pushed, so even a full stack of tokens is sometimes wrong)::
+
+    python3 packages/bilinear-toys/bench/mechanism_bounds.py --seeds 2 3 [--sequences 2048] > bounds.json
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import math
 import numpy as np
 import torch
 from bilinear_toys.data.bayes import bayes_nll
-from bilinear_toys.data.synthetic import INDUCTION, SyntheticLanguage
+from bilinear_toys.data.synthetic import BRACKET, INDUCTION, SyntheticLanguage
 
 
 def ambiguity_cost(seq: list[int], t: int, k: int) -> float:
@@ -70,14 +76,51 @@ def _summary(costs: list[float]) -> dict[str, float]:
             "share_impossible": float(1 - finite.size / v.size)}
 
 
+def bracket_costs(lang: SyntheticLanguage, tokens: list[list[int]], labels: list[list[int]]
+                  ) -> dict[str, float]:
+    """The counting closer and the token stack on every bracket-closing token (see the module docstring)."""
+    closer = dict(lang.rules.brackets)
+    events = []  # (types open, the most recent opener's closer is right, the token stack's top is right)
+    for row, lab in zip(tokens, labels):
+        stack: list[int] = []
+        open_count = dict.fromkeys(closer, 0)
+        last_opener = None
+        for t in range(1, len(row)):
+            x = row[t]
+            if lab[t] == BRACKET:
+                events.append((sum(c > 0 for c in open_count.values()), last_opener is not None
+                               and closer[last_opener] == x, bool(stack) and closer[stack[-1]] == x))
+            if x in closer:
+                stack.append(x)
+                open_count[x] += 1
+                last_opener = x
+            elif x in closer.values():
+                opener = next(o for o, c in closer.items() if c == x)
+                open_count[opener] = max(open_count[opener] - 1, 0)
+                if opener in stack:  # pop up to the innermost copy of its opener
+                    del stack[len(stack) - 1 - stack[::-1].index(opener):]
+    n_open = np.array([e[0] for e in events])
+    recent = np.array([e[1] for e in events])
+    both = n_open >= 2
+    q = float(recent[both].mean()) if both.any() else 1.0
+    cost = np.where(both, np.where(recent, -np.log(q), -np.log(max(1 - q, 1e-12))), 0.0)
+    cost[n_open == 0] = np.nan  # nothing open by the count: no closer to name
+    return {"closes": len(events), "share_both_types_open": float(both.mean()), "q_most_recent_opener": q,
+            "counting_closer_cost": float(np.nanmean(cost)),
+            "share_nothing_open": float(np.mean(n_open == 0)),
+            "share_token_stack_right": float(np.mean([e[2] for e in events]))}
+
+
 def bounds(lang: SyntheticLanguage, sequences: int, ks: tuple[int, ...]) -> dict:
     tokens, rule = lang.generate(sequences, seed=lang.seed + 20_000)
     achievable = bayes_nll(lang, tokens)
     costs = {k: [] for k in ks}
     by_pos: dict[int, list[float]] = {}
+    bracket = []
     for row, labels, nll in zip(tokens.tolist(), rule.tolist(), achievable.tolist()):
         run = 1
         for t in range(1, len(row)):
+            bracket += [nll[t]] if labels[t] == BRACKET else []
             if labels[t] != INDUCTION:
                 run = 1
                 continue
@@ -94,6 +137,8 @@ def bounds(lang: SyntheticLanguage, sequences: int, ks: tuple[int, ...]) -> dict
                                         for m, v in sorted(by_pos.items())},
         "ambiguity_cost": {f"k={k}": _summary(v) for k, v in costs.items()},
         "span_end_cost": span_end_cost(lang.span_len),
+        "bracket": {"achievable": float(np.mean(bracket)),
+                    **bracket_costs(lang, tokens.tolist(), rule.tolist())},
     }
 
 

@@ -1,8 +1,9 @@
-"""``bench/induction_bounds.py``: what a copier that matches only the last k tokens pays on induction."""
+"""``bench/mechanism_bounds.py``: what short-match copiers and counting closers pay, no model involved."""
 
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,10 +13,10 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 @pytest.fixture()
 def ib(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("induction_bounds", None)
-    import induction_bounds
+    sys.modules.pop("mechanism_bounds", None)
+    import mechanism_bounds
 
-    return induction_bounds
+    return mechanism_bounds
 
 
 def test_a_longer_match_names_the_replayed_source(ib):
@@ -43,3 +44,18 @@ def test_bounds_on_a_small_language(ib):
     one, four = out["ambiguity_cost"]["k=1"], out["ambiguity_cost"]["k=4"]
     assert one["share_impossible"] == 0.0  # the replayed source always matches one token
     assert 0 <= four["share_hedged"] <= one["share_hedged"] <= 1
+    assert out["bracket"]["achievable"] > 0 and 0 <= out["bracket"]["share_both_types_open"] <= 1
+
+
+def test_the_counting_closer_hedges_only_when_both_bracket_types_are_open(ib):
+    from bilinear_toys.data.synthetic import BRACKET, NONE
+
+    lang = SimpleNamespace(rules=SimpleNamespace(brackets=[(1, 2), (3, 4)]))
+    # ( [ ( ] ) in tokens 3 1 3 4 2: both closes happen with both types open; the most recent opener
+    # (3) names the first closer but not the second, so q = 1/2
+    out = ib.bracket_costs(lang, [[0, 3, 1, 3, 4, 2]], [[NONE] * 4 + [BRACKET] * 2])
+    assert out["closes"] == 2 and out["share_both_types_open"] == 1.0 and out["q_most_recent_opener"] == 0.5
+    assert out["counting_closer_cost"] == pytest.approx(math.log(2)) and out["share_token_stack_right"] == 1.0
+    # one type open: no hedging at all
+    out = ib.bracket_costs(lang, [[0, 1, 1, 2]], [[NONE] * 3 + [BRACKET]])
+    assert out["share_both_types_open"] == 0.0 and out["counting_closer_cost"] == 0.0
