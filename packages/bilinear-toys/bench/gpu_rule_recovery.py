@@ -70,6 +70,12 @@ class WallClock:
     def on_save(self, *args) -> None: ...
 
 
+def validation_set(lang, sequences: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, rule, floor nll) ``[sequences, seq_len]``: the evaluation sequences of language ``lang``,
+    drawn from another stream than its training pool (``lang.seed + 20000``)."""
+    return lang.generate(sequences, seed=lang.seed + 20_000, return_nll=True)
+
+
 def build_model(job: dict) -> torch.nn.Module:
     from bilinear_toys.models import ModelConfig, ToyTransformer
     from bilinear_toys.models.reference import SoftmaxTransformer
@@ -130,7 +136,7 @@ def run_job(job: dict) -> dict:
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise ValueError(f"{job['name']}: weights are not finite after training (diverged: lower lr)")
     model = model.float().eval()
-    tokens, rule, nll = lang.generate(job["val_sequences"], seed=job["seed"] + 20_000, return_nll=True)
+    tokens, rule, nll = validation_set(lang, job["val_sequences"])
     losses = rule_losses(model, tokens, rule, nll, skip_trigrams=lang.rules.skip_trigrams,
                          achievable=bayes_nll(lang, tokens))
     res = {"job": job, "steps": clock.curve[-1]["step"] if clock.curve else 0, "curve": clock.curve,

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from bilinear_toys.data.bayes import bayes_nll
 from bilinear_toys.data.synthetic import BRACKET, INDUCTION, SyntheticLanguage
+from gpu_rule_recovery import validation_set
 
 
 def ambiguity_cost(seq: list[int], t: int, k: int) -> float:
@@ -80,6 +81,7 @@ def bracket_costs(lang: SyntheticLanguage, tokens: list[list[int]], labels: list
                   ) -> dict[str, float]:
     """The counting closer and the token stack on every bracket-closing token (see the module docstring)."""
     closer = dict(lang.rules.brackets)
+    opener_of = {c: o for o, c in closer.items()}
     events = []  # (types open, the most recent opener's closer is right, the token stack's top is right)
     for row, lab in zip(tokens, labels):
         stack: list[int] = []
@@ -94,8 +96,8 @@ def bracket_costs(lang: SyntheticLanguage, tokens: list[list[int]], labels: list
                 stack.append(x)
                 open_count[x] += 1
                 last_opener = x
-            elif x in closer.values():
-                opener = next(o for o, c in closer.items() if c == x)
+            elif x in opener_of:
+                opener = opener_of[x]
                 open_count[opener] = max(open_count[opener] - 1, 0)
                 if opener in stack:  # pop up to the innermost copy of its opener
                     del stack[len(stack) - 1 - stack[::-1].index(opener):]
@@ -112,33 +114,32 @@ def bracket_costs(lang: SyntheticLanguage, tokens: list[list[int]], labels: list
 
 
 def bounds(lang: SyntheticLanguage, sequences: int, ks: tuple[int, ...]) -> dict:
-    tokens, rule = lang.generate(sequences, seed=lang.seed + 20_000)
+    """Every number of the module docstring on ``lang``'s validation set of ``gpu_rule_recovery.py``."""
+    tokens, rule, _ = validation_set(lang, sequences)
     achievable = bayes_nll(lang, tokens)
+    rows, labels = tokens.tolist(), rule.tolist()
     costs = {k: [] for k in ks}
     by_pos: dict[int, list[float]] = {}
-    bracket = []
-    for row, labels, nll in zip(tokens.tolist(), rule.tolist(), achievable.tolist()):
+    for row, lab, nll in zip(rows, labels, achievable.tolist()):
         run = 1
         for t in range(1, len(row)):
-            bracket += [nll[t]] if labels[t] == BRACKET else []
-            if labels[t] != INDUCTION:
+            if lab[t] != INDUCTION:
                 run = 1
                 continue
             run += 1  # position in the span: its first token is a random event
             by_pos.setdefault(run, []).append(nll[t])
             for k in ks:
                 costs[k].append(ambiguity_cost(row, t, k))
-    n = sum(len(v) for v in by_pos.values())
     return {
         "language_seed": lang.seed,
-        "induction_tokens": n,
-        "achievable": float(np.mean([x for v in by_pos.values() for x in v])),
+        "induction_tokens": int((rule == INDUCTION).sum()),
+        "achievable": float(achievable[rule == INDUCTION].mean()),
         "achievable_by_span_position": {m: {"count": len(v), "mean": float(np.mean(v))}
                                         for m, v in sorted(by_pos.items())},
         "ambiguity_cost": {f"k={k}": _summary(v) for k, v in costs.items()},
         "span_end_cost": span_end_cost(lang.span_len),
-        "bracket": {"achievable": float(np.mean(bracket)),
-                    **bracket_costs(lang, tokens.tolist(), rule.tolist())},
+        "bracket": {"achievable": float(achievable[rule == BRACKET].mean()),
+                    **bracket_costs(lang, rows, labels)},
     }
 
 

@@ -101,10 +101,10 @@ def test_shipped_configs_load():
         assert len({c.run_name for c in grid}) == len(grid) and (runs is None or len(grid) == runs), name
         assert all(c.backend == "torch" for c in grid), name
     # each curriculum stage starts every run from the previous stage's run of the same settings
-    previous_dir, previous = load_sweep(configs / "pool_curriculum_8_gpu.yaml")
+    _, previous = load_sweep(configs / "pool_curriculum_8_gpu.yaml")
     for pairs in (16, 32):
-        stage_dir, stage = load_sweep(configs / f"pool_curriculum_{pairs}_gpu.yaml")
-        starts = {Path(c.run_dir) / "checkpoint.pt" for c in previous}
+        _, stage = load_sweep(configs / f"pool_curriculum_{pairs}_gpu.yaml")
+        starts = {c.run_dir / "checkpoint.pt" for c in previous}
         assert len(stage) == len(previous) and {Path(c.init_from) for c in stage} == starts, pairs
         assert all(c.num_pairs == pairs for c in stage), pairs
         previous = stage
