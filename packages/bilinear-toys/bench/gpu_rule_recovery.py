@@ -134,7 +134,8 @@ def run_job(job: dict) -> dict:
     Trainer(model, tc, lm_loss, get_batch, optimizer=opt, scheduler=sched, callbacks=[clock]).fit()
     t_train = time.time() - t0 - t_setup
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise ValueError(f"{job['name']}: weights are not finite after training (diverged: lower lr)")
+        raise ValueError(f"{job['name']}: weights are not finite after training (diverged: lower lr); "
+                         f"{last_finite(clock.curve)}")
     model = model.float().eval()
     tokens, rule, nll = validation_set(lang, job["val_sequences"])
     losses = rule_losses(model, tokens, rule, nll, skip_trigrams=lang.rules.skip_trigrams,
@@ -152,6 +153,14 @@ def run_job(job: dict) -> dict:
     print(json.dumps({"name": job["name"], "steps": res["steps"], "val": losses["all"],
                       "gap_to_achievable": res.get("gap_to_achievable")}), flush=True)
     return res
+
+
+def last_finite(curve: list[dict]) -> str:
+    """Where a diverged job's loss curve (:class:`WallClock`'s) was last finite, in words."""
+    last = next((c for c in reversed(curve) if math.isfinite(c["val_loss"])), None)
+    if last is None:
+        return "no finite val loss"
+    return f"last finite val loss {last['val_loss']:.3f} at step {last['step']} ({last['time_frac']:.0%} of the time)"
 
 
 def run_job_or_error(job: dict) -> dict:

@@ -52,3 +52,19 @@ def test_shipped_plans_name_known_fields_and_buildable_models(monkeypatch):
             # the job's architecture at a tiny width (same heads, so divisibility is checked too)
             model = g.build_model({**job, "d_model": 8 * job["n_head"], "vocab_size": 16, "n_ctx": 8})
             assert model(tokens).shape == (1, 8, 16), (path.name, job["name"])
+
+
+def test_a_diverged_job_says_where_its_loss_was_last_finite(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("gpu_rule_recovery", None)
+    import gpu_rule_recovery as g
+
+    curve = [{"step": 100, "time_frac": 0.25, "val_loss": 3.5}, {"step": 210, "time_frac": 0.5, "val_loss": 3.25},
+             {"step": 300, "time_frac": 0.75, "val_loss": float("nan")}]
+    assert g.last_finite(curve) == "last finite val loss 3.250 at step 210 (50% of the time)"
+    assert g.last_finite(curve[2:]) == "no finite val loss"
+    job = {**g.DEFAULTS, "vocab_size": 64, "n_ctx": 16, "d_model": 32, "n_head": 2, "batch_size": 8,
+           "time_s": 1.0, "pool": 256, "val_sequences": 8, "evals": 2, "out": str(tmp_path),
+           "name": "t3", "model_type": "transformer_3L", "lr": 10.0}
+    res = g.run_job_or_error(job)
+    assert res["error"].startswith("ValueError: t3: weights are not finite after training (diverged: lower lr); ")
