@@ -160,7 +160,8 @@ def last_finite(curve: list[dict]) -> str:
     last = next((c for c in reversed(curve) if math.isfinite(c["val_loss"])), None)
     if last is None:
         return "no finite val loss"
-    return f"last finite val loss {last['val_loss']:.3f} at step {last['step']} ({last['time_frac']:.0%} of the time)"
+    return (f"last finite val loss {last['val_loss']:.3f} at step {last['step']} "
+            f"({last['time_frac']:.0%} of the time)")
 
 
 def run_job_or_error(job: dict) -> dict:

@@ -59,7 +59,8 @@ def test_a_diverged_job_says_where_its_loss_was_last_finite(tmp_path, monkeypatc
     sys.modules.pop("gpu_rule_recovery", None)
     import gpu_rule_recovery as g
 
-    curve = [{"step": 100, "time_frac": 0.25, "val_loss": 3.5}, {"step": 210, "time_frac": 0.5, "val_loss": 3.25},
+    curve = [{"step": 100, "time_frac": 0.25, "val_loss": 3.5},
+             {"step": 210, "time_frac": 0.5, "val_loss": 3.25},
              {"step": 300, "time_frac": 0.75, "val_loss": float("nan")}]
     assert g.last_finite(curve) == "last finite val loss 3.250 at step 210 (50% of the time)"
     assert g.last_finite(curve[2:]) == "no finite val loss"
@@ -67,4 +68,5 @@ def test_a_diverged_job_says_where_its_loss_was_last_finite(tmp_path, monkeypatc
            "time_s": 1.0, "pool": 256, "val_sequences": 8, "evals": 2, "out": str(tmp_path),
            "name": "t3", "model_type": "transformer_3L", "lr": 10.0}
     res = g.run_job_or_error(job)
-    assert res["error"].startswith("ValueError: t3: weights are not finite after training (diverged: lower lr); ")
+    want = "ValueError: t3: weights are not finite after training (diverged: lower lr); "
+    assert res["error"].startswith(want)
