@@ -1,21 +1,13 @@
 """``bench/activation_growth.py``: per-block activation sizes while a toy model trains."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture()
-def ag(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("activation_growth", None)
-    import activation_growth
-
-    return activation_growth
+def ag(bench):
+    return bench("activation_growth")
 
 
 TINY = {"d_model": 16, "n_head": 2, "vocab_size": 64, "n_ctx": 20, "init": "unit", "batch_size": 4,

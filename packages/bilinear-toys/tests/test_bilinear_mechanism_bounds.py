@@ -1,22 +1,14 @@
 """``bench/mechanism_bounds.py``: what short-match copiers and counting closers pay, no model involved."""
 
 import math
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture()
-def ib(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("mechanism_bounds", None)
-    import mechanism_bounds
-
-    return mechanism_bounds
+def ib(bench):
+    return bench("mechanism_bounds")
 
 
 def test_a_longer_match_names_the_replayed_source(ib):

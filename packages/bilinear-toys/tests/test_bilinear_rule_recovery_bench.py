@@ -3,19 +3,14 @@ result (on an H100, 2026-12-07, one job's process died and a process pool took t
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
-
-def test_isolated_jobs_keep_the_others_results(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))  # spawned children import the script by this path
-    sys.modules.pop("gpu_rule_recovery", None)
-    import gpu_rule_recovery as g
+def test_isolated_jobs_keep_the_others_results(tmp_path, bench):
+    g = bench("gpu_rule_recovery")  # spawned children import the script by its path, which they inherit
 
     tiny = {**g.DEFAULTS, "vocab_size": 64, "n_ctx": 16, "d_model": 16, "n_head": 2, "batch_size": 4,
             "time_s": 1.0, "pool": 64, "val_sequences": 8, "evals": 2, "max_offset": 4, "out": str(tmp_path)}
@@ -34,14 +29,12 @@ def test_isolated_jobs_keep_the_others_results(tmp_path, monkeypatch):
     assert gone["error"].startswith("process exited with code -9")
 
 
-def test_shipped_plans_name_known_fields_and_buildable_models(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("gpu_rule_recovery", None)
-    import gpu_rule_recovery as g
+def test_shipped_plans_name_known_fields_and_buildable_models(bench):
+    g = bench("gpu_rule_recovery")
 
     known = set(g.DEFAULTS) | {"name", "model_type", "group", "data_seed", "fit_margin", "mlp"}
     tokens = torch.randint(0, 16, (1, 8), generator=torch.Generator().manual_seed(0))
-    plans = sorted((BENCH / "plans").glob("*.json"))
+    plans = sorted((Path(g.__file__).parent / "plans").glob("*.json"))
     assert plans
     for path in plans:
         plan = json.loads(path.read_text())
@@ -54,10 +47,8 @@ def test_shipped_plans_name_known_fields_and_buildable_models(monkeypatch):
             assert model(tokens).shape == (1, 8, 16), (path.name, job["name"])
 
 
-def test_a_diverged_job_says_where_its_loss_was_last_finite(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("gpu_rule_recovery", None)
-    import gpu_rule_recovery as g
+def test_a_diverged_job_says_where_its_loss_was_last_finite(tmp_path, bench):
+    g = bench("gpu_rule_recovery")
 
     curve = [{"step": 100, "time_frac": 0.25, "val_loss": 3.5},
              {"step": 210, "time_frac": 0.5, "val_loss": 3.25},
