@@ -3,9 +3,9 @@
 absolute value of the attention output, the MLP output and the residual stream after the block, with the
 sequence position holding that largest residual value. Stops after the first non-finite loss.
 
-Same recipe as ``gpu_rule_recovery.py`` (Muon for matrices, AdamW for the rest, gradient clipping at 1,
-no weight decay, quadratic attention in fp32), with a linear warmup over ``--warmup`` steps and a constant
-rate after it::
+Same model and recipe as ``gpu_rule_recovery.py`` (its ``build_model``; Muon for matrices, AdamW for the
+rest, gradient clipping at 1, no weight decay, quadratic attention in fp32), with a linear warmup over
+``--warmup`` steps and a constant rate after it::
 
     python3 packages/bilinear-toys/bench/activation_growth.py --model_type transformer_3L --d_model 128 \
         --lr 3e-3 --steps 100 --every 5
@@ -20,8 +20,9 @@ from collections.abc import Iterator
 
 import torch
 from bilinear_toys.data.synthetic import SyntheticLanguage
-from bilinear_toys.models import ModelConfig, ToyTransformer
+from bilinear_toys.models import ToyTransformer
 from bilinear_toys.train import lm_loss
+from gpu_rule_recovery import build_model
 from seqmem_shared.optim import build_optimizer
 
 WATCHED = ("hook_attn_out", "hook_mlp_out", "hook_resid_post")
@@ -49,12 +50,12 @@ def block_stats(model: ToyTransformer, tokens: torch.Tensor) -> list[dict[str, f
 
 
 def train_and_watch(model_type: str, d_model: int, n_head: int, vocab_size: int, n_ctx: int, init: str,
-                    lr: float, batch_size: int, steps: int, every: int, warmup: int, seed: int
-                    ) -> Iterator[dict]:
+                    lr: float, batch_size: int, steps: int, every: int, warmup: int, seed: int,
+                    qk_init_scale: float = 1.0) -> Iterator[dict]:
     """Yield a record every ``every`` steps (and at the first non-finite loss, then stop)."""
     torch.manual_seed(seed)
-    model = ToyTransformer(ModelConfig(model_type, vocab_size=vocab_size, d_model=d_model, n_head=n_head,
-                                       n_ctx=n_ctx, init=init, attention_impl="quadratic"))
+    model = build_model({"model_type": model_type, "vocab_size": vocab_size, "d_model": d_model,
+                         "n_head": n_head, "n_ctx": n_ctx, "init": init, "qk_init_scale": qk_init_scale})
     lang = SyntheticLanguage(vocab_size=vocab_size, seq_len=n_ctx + 1, seed=seed)
     pool, _ = lang.sample(max(64 * batch_size, 4096), seed=0)
     opt = build_optimizer(model, "muon", lr=lr, weight_decay=0.0)
@@ -93,6 +94,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
     p.add_argument("--seed", type=int, default=3, help="model, data and language seed")
+    p.add_argument("--qk_init_scale", type=float, default=1.0, help="multiplies the initial W_Q, W_K")
     args = p.parse_args()
     for record in train_and_watch(**vars(args)):
         print(json.dumps({"config": vars(args), **record}), flush=True)

@@ -30,7 +30,7 @@ import torch
 DEFAULTS: dict[str, Any] = {"vocab_size": 128, "n_ctx": 64, "d_model": 128, "n_head": 4, "lr": 1e-2,
                             "batch_size": 128, "time_s": 60.0, "init": "unit", "seed": 0, "threads": 1,
                             "pool": 400_000, "val_sequences": 2048, "max_offset": 16, "evals": 8,
-                            "warmup_frac": 0.03, "min_lr_ratio": 0.1}
+                            "warmup_frac": 0.03, "min_lr_ratio": 0.1, "qk_init_scale": 1.0}
 
 
 class WallClock:
@@ -77,6 +77,8 @@ def validation_set(lang, sequences: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def build_model(job: dict) -> torch.nn.Module:
+    """The job's model. ``qk_init_scale`` multiplies a toy model's initial ``W_Q`` and ``W_K`` (the pattern
+    starts at its 4th power): a smaller start keeps deeper polynomial models from blowing up early."""
     from bilinear_toys.models import ModelConfig, ToyTransformer
     from bilinear_toys.models.reference import SoftmaxTransformer
 
@@ -85,9 +87,16 @@ def build_model(job: dict) -> torch.nn.Module:
         n_layers = int(kind.removeprefix("softmax_").removesuffix("L"))
         return SoftmaxTransformer(job["vocab_size"], job["d_model"], job["n_head"], n_layers, job["n_ctx"],
                                   mlp=job.get("mlp", True))
-    return ToyTransformer(ModelConfig(kind, vocab_size=job["vocab_size"], d_model=job["d_model"],
-                                      n_head=job["n_head"], n_ctx=job["n_ctx"], init=job["init"],
-                                      attention_impl="quadratic"))
+    model = ToyTransformer(ModelConfig(kind, vocab_size=job["vocab_size"], d_model=job["d_model"],
+                                       n_head=job["n_head"], n_ctx=job["n_ctx"], init=job["init"],
+                                       attention_impl="quadratic"))
+    scale = job.get("qk_init_scale", 1.0)
+    if scale != 1.0:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.q.weight.mul_(scale)
+                block.attn.k.weight.mul_(scale)
+    return model
 
 
 def run_job(job: dict) -> dict:

@@ -61,3 +61,16 @@ def test_a_diverged_job_says_where_its_loss_was_last_finite(tmp_path, bench):
     res = g.run_job_or_error(job)
     want = "ValueError: t3: weights are not finite after training (diverged: lower lr); "
     assert res["error"].startswith(want)
+
+
+def test_qk_init_scale_shrinks_only_the_initial_queries_and_keys(bench):
+    g = bench("gpu_rule_recovery")
+    job = {**g.DEFAULTS, "model_type": "transformer_2L", "vocab_size": 64, "d_model": 16, "n_head": 2}
+    torch.manual_seed(0)
+    ref = g.build_model(job)
+    torch.manual_seed(0)
+    small = g.build_model({**job, "qk_init_scale": 0.5})
+    torch.testing.assert_close(small.W_Q, 0.5 * ref.W_Q)
+    torch.testing.assert_close(small.W_K, 0.5 * ref.W_K)
+    torch.testing.assert_close(small.W_V, ref.W_V)
+    torch.testing.assert_close(small.W_L, ref.W_L)
