@@ -57,7 +57,7 @@ def test_a_diverged_job_says_where_its_loss_was_last_finite(tmp_path, bench):
     assert g.last_finite(curve[2:]) == "no finite val loss"
     job = {**g.DEFAULTS, "vocab_size": 64, "n_ctx": 16, "d_model": 32, "n_head": 2, "batch_size": 8,
            "time_s": 1.0, "pool": 256, "val_sequences": 8, "evals": 2, "out": str(tmp_path),
-           "name": "t3", "model_type": "transformer_3L", "lr": 10.0}
+           "name": "t3", "model_type": "transformer_3L", "lr": 100.0}
     res = g.run_job_or_error(job)
     want = "ValueError: t3: weights are not finite after training (diverged: lower lr); "
     assert res["error"].startswith(want)
