@@ -90,12 +90,10 @@ def build_model(job: dict) -> torch.nn.Module:
     model = ToyTransformer(ModelConfig(kind, vocab_size=job["vocab_size"], d_model=job["d_model"],
                                        n_head=job["n_head"], n_ctx=job["n_ctx"], init=job["init"],
                                        attention_impl="quadratic"))
-    scale = job.get("qk_init_scale", 1.0)
-    if scale != 1.0:
-        with torch.no_grad():
-            for block in model.blocks:
-                block.attn.q.weight.mul_(scale)
-                block.attn.k.weight.mul_(scale)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.q.weight.mul_(job["qk_init_scale"])
+            block.attn.k.weight.mul_(job["qk_init_scale"])
     return model
 
 
