@@ -527,6 +527,52 @@ def test_trainer_save_failure_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
+class PoisonAt:
+    """``get_batch(index)`` whose targets from optimizer step ``step`` (1-based) on are -1, which
+    :func:`nan_loss` turns into a NaN loss."""
+
+    def __init__(self, step: int, batch_size: int = 4) -> None:
+        self.step, self.batch_size = step, batch_size
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(0, V, (self.batch_size, T), generator=torch.Generator().manual_seed(index))
+        return x, (x + 1) % V if index + 1 < self.step else torch.full((self.batch_size, T), -1)
+
+
+def nan_loss(model, batch):
+    x, y = batch
+    loss = plain_loss(model, (x, y.clamp(min=0)))
+    return loss * float("nan") if (y < 0).any() else loss
+
+
+@pytest.mark.parametrize("scaler", [False, True])
+def test_nonfinite_loss_stops_before_saving_the_diverged_model(tmp_path, scaler, monkeypatch):
+    if scaler:  # a GradScaler (fp16) skips inf/NaN gradients itself; the loss check still applies
+        monkeypatch.setattr(torch.amp.GradScaler, "is_enabled", lambda self: True)
+    trainer = make_trainer(tmp_path, loss_fn=nan_loss, data=PoisonAt(7), max_steps=20, log_every=4,
+                           save_every=5)
+    with pytest.raises(FloatingPointError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert message.startswith("Trainer: the loss or gradient norm is not finite since step 7 (diverged); "
+                              f"the last checkpoint {tmp_path / 'checkpoint.pt'} is kept;"), message
+    assert "TrainConfig.lr" in message and "\n" not in message
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 5  # raised at the log step 8, before the save at step 10
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert [r["step"] for r in read_metrics(tmp_path)] == [4]
+
+
+def test_nonfinite_stop_can_be_turned_off(tmp_path):
+    trainer = make_trainer(tmp_path, loss_fn=nan_loss, data=PoisonAt(2), max_steps=3, log_every=1,
+                           save_every=0, stop_on_nonfinite=False)
+    trainer.fit()  # trains on
+    assert math.isnan(read_metrics(tmp_path)[-1]["loss"])
+    fresh = make_trainer(tmp_path / "b", loss_fn=nan_loss, data=PoisonAt(1), max_steps=3, save_every=0)
+    with pytest.raises(FloatingPointError, match="since step 1 .*no checkpoint was written"):
+        fresh.fit()
+
+
 def test_checkpoint_contents_and_rng_restore(tmp_path):
     import random
 

@@ -138,11 +138,11 @@ def run_job(job: dict) -> dict:
     tc = TrainConfig(max_steps=10**8, lr=job["lr"], optimizer="muon", weight_decay=0.0, out_dir=str(out),
                      seed=job["seed"], progress=False, resume=False, log_every=100)
     t_setup = time.time() - t0
-    Trainer(model, tc, lm_loss, get_batch, optimizer=opt, scheduler=sched, callbacks=[clock]).fit()
+    try:
+        Trainer(model, tc, lm_loss, get_batch, optimizer=opt, scheduler=sched, callbacks=[clock]).fit()
+    except FloatingPointError as exc:
+        raise ValueError(f"{job['name']}: diverged (lower lr): {exc}; {last_finite(clock.curve)}") from None
     t_train = time.time() - t0 - t_setup
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise ValueError(f"{job['name']}: weights are not finite after training (diverged: lower lr); "
-                         f"{last_finite(clock.curve)}")
     model = model.float().eval()
     tokens, rule, nll = validation_set(lang, job["val_sequences"])
     losses = rule_losses(model, tokens, rule, nll, skip_trigrams=lang.rules.skip_trigrams,

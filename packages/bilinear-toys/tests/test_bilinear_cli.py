@@ -63,6 +63,15 @@ def test_time_limit_flag_stops_training(tmp_path, capsys):
         train_main([*args, "--time_limit_s", "0"])
 
 
+def test_a_diverging_run_stops_and_saves_no_model(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"not finite since step \d+ \(diverged\)"):
+        train_main(["--model_type", "transformer_3L", "--max_iters", "40", "--learning_rate", "1e4",
+                    "--d_model", "16", "--n_head", "2", "--n_ctx", "16", "--vocab_size", "48",
+                    "--batch_size", "2", "--warmup", "0", "--out_dir", str(out), "--no_progress"])
+    assert not list(out.glob("*.safetensors")) and not list(out.glob("*_config.json"))
+
+
 def test_save_load_roundtrip_and_errors(tmp_path):
     model = ToyTransformer(ModelConfig("attention_only_2L", vocab_size=30, d_model=8, n_head=2, n_ctx=8))
     save_model(model, tmp_path, "synthetic")

@@ -105,6 +105,8 @@ def train_model(model_config: ModelConfig, data: DataSpec, train_config, out_dir
     trainer = Trainer(model, train_config, lm_loss, data.train, eval_fn=make_eval_fn(data.val_batches))
     metrics = trainer.fit()
     final = make_eval_fn(data.val_batches)(model.eval())["loss"]
+    if not math.isfinite(final):  # checked before saving: an earlier run's files stay intact
+        raise RuntimeError(f"training diverged: final validation loss {final}; nothing was saved")
     extra = {"dataset": data.name, "final_val_loss": final, "max_iters": train_config.max_steps,
              "learning_rate": train_config.lr}
     save_model(model, out_dir, data.name, extra)
@@ -114,6 +116,4 @@ def train_model(model_config: ModelConfig, data: DataSpec, train_config, out_dir
         atomic_write_json(Path(out_dir) / f"{data.name}_rules.json",
                           {**data.language.rules.to_dict(), "vocab_size": data.vocab_size,
                            "seed": data.language.seed})
-    if not math.isfinite(final):
-        raise RuntimeError(f"training diverged: final validation loss {final}")
     return model, {**metrics, "final_val_loss": final}

@@ -49,6 +49,11 @@ class TrainConfig:
     ``resume`` continues towards ``max_steps``, with the limit counted afresh. Under DDP rank 0's clock
     decides (one small broadcast per step). The Trainer logs the time of a fit's steps 1, 10 and 100,
     where compilation and autotuning show up.
+
+    ``stop_on_nonfinite`` (default on) raises ``FloatingPointError`` at the first log step, save or end
+    after a step whose loss (or, without a GradScaler, gradient norm) was NaN or inf, naming that step,
+    before anything of the diverged model is saved: the last checkpoint stays the last finite one.
+    The check adds no device sync of its own (it rides on the logging and saving syncs).
     """
 
     max_steps: int = 1000
@@ -77,6 +82,7 @@ class TrainConfig:
     tokens_per_batch: int | None = None
     examples_per_batch: int | None = None
     time_limit_s: float | None = None
+    stop_on_nonfinite: bool = True
 
     def __post_init__(self) -> None:
         validate(self, _CHECKS)
@@ -134,4 +140,5 @@ _CHECKS = {
     "tokens_per_batch": optional(integer(1)),
     "examples_per_batch": optional(integer(1)),
     "time_limit_s": TIME_LIMIT_S_CHECK,
+    "stop_on_nonfinite": boolean(),
 }

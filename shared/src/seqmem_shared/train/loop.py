@@ -273,6 +273,8 @@ class Trainer:
     end), ``best.pt`` (when ``best_metric`` improves), ``metrics.jsonl`` (one JSON object per log/eval
     step). With ``resume`` an existing ``checkpoint.pt`` is continued exactly: model, optimizer,
     scheduler, grad scaler, per-rank RNG and data states; metric lines past its step are dropped.
+    A NaN/inf loss raises ``FloatingPointError`` before the diverged model is saved
+    (``TrainConfig.stop_on_nonfinite``).
     """
 
     def __init__(
@@ -316,6 +318,7 @@ class Trainer:
         self._elapsed = 0.0
         self._time_limited = False
         self._best_due = False
+        self._first_nonfinite: torch.Tensor | None = None  # step (1-based) on the device; 0: none yet
 
     # ----------------------------------------------------------------------------------- setup
 
@@ -400,6 +403,7 @@ class Trainer:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             metrics_file = self.metrics_path.open("a")
         window = _Window()
+        self._first_nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
         clock = {"start": time.perf_counter(), "log": time.perf_counter(), "log_step": self.step}
         elapsed0, step0 = self._elapsed, self.step
         self.model.train()
@@ -416,6 +420,7 @@ class Trainer:
                 last = self.step == cfg.max_steps
                 record: dict[str, Any] = {"step": self.step, "lr": self._lr()}
                 if (cfg.log_every and self.step % cfg.log_every == 0) or last:
+                    self._raise_if_nonfinite()
                     record.update(self._log_values(window, clock))
                 overhead_start = time.perf_counter()  # eval, hooks and saving don't count as training time
                 eval_due = cfg.eval_every and self.step % cfg.eval_every == 0
@@ -434,6 +439,7 @@ class Trainer:
                 self._write_record(record, metrics_file, bar)
                 if self.out_dir is not None:
                     if (cfg.save_every and self.step % cfg.save_every == 0) or last or self.should_stop:
+                        self._raise_if_nonfinite()
                         self.save()
                     if self._best_due:
                         self.save(self.out_dir / BEST_NAME)
@@ -456,6 +462,7 @@ class Trainer:
         cfg = self.config
         accum, world, rank = cfg.grad_accum_steps, self.dist.world_size, self.dist.rank
         self.optimizer.zero_grad(set_to_none=True)
+        step_loss: Any = 0.0  # sum of the micro-batch losses: NaN/inf in any of them stays non-finite
         for micro in range(accum):
             index = (self.step * accum + micro) * world + rank
             batch = move_to_device(self.data.next(index), self.device)
@@ -466,6 +473,7 @@ class Trainer:
                     loss, extras = _split_loss(self.loss_fn(self.model, batch))
                 self.scaler.scale(loss / accum if accum > 1 else loss).backward()
             window.add_micro(loss, extras)
+            step_loss = step_loss + loss.detach().float()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip else math.inf
@@ -474,6 +482,27 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         window.add_step(grad_norm)
+        if cfg.stop_on_nonfinite:  # device ops only; read by _raise_if_nonfinite
+            finite = torch.isfinite(step_loss)
+            if not self.scaler.is_enabled():  # a GradScaler skips steps with inf/NaN gradients by design
+                finite = finite & torch.isfinite(grad_norm)
+            first = self._first_nonfinite
+            self._first_nonfinite = torch.where((first == 0) & ~finite, self.step + 1, first)
+
+    def _raise_if_nonfinite(self) -> None:
+        """``FloatingPointError`` if a step since the fit began had a NaN/inf loss (or gradient norm
+        without a GradScaler) on any rank; called before logging and saving (one sync, collective)."""
+        if not self.config.stop_on_nonfinite or self._first_nonfinite is None:
+            return
+        bad = [step for step in all_gather_object(int(self._first_nonfinite)) if step]
+        if not bad:
+            return
+        path = self.checkpoint_path
+        kept = (f"the last checkpoint {path} is kept" if path is not None and path.is_file()
+                else "no checkpoint was written")
+        raise FloatingPointError(
+            f"Trainer: the loss or gradient norm is not finite since step {min(bad)} (diverged); {kept}; "
+            "expected a lower TrainConfig.lr or more warmup_steps (stop_on_nonfinite=False trains on)")
 
     def _log_values(self, window: _Window, clock: dict[str, float]) -> dict[str, float]:
         cfg = self.config
