@@ -50,10 +50,10 @@ class TrainConfig:
     decides (one small broadcast per step). The Trainer logs the time of a fit's steps 1, 10 and 100,
     where compilation and autotuning show up.
 
-    ``stop_on_nonfinite`` (default on) raises ``FloatingPointError`` at the first log step, save or end
-    after a step whose loss (or, without a GradScaler, gradient norm) was NaN or inf, naming that step,
-    before anything of the diverged model is saved: the last checkpoint stays the last finite one.
-    The check adds no device sync of its own (it rides on the logging and saving syncs).
+    ``stop_on_nonfinite`` (default on) raises ``FloatingPointError`` at the first log step or save after
+    a step whose loss was NaN or inf, naming that step, and before a save whose weights are not finite:
+    nothing of a diverged model is saved, the last checkpoint stays the last finite one. It costs one
+    small device sync per log step and a finiteness pass over the weights per save.
     """
 
     max_steps: int = 1000

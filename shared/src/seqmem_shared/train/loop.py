@@ -438,8 +438,11 @@ class Trainer:
                         record.update(self._evaluate())
                 self._write_record(record, metrics_file, bar)
                 if self.out_dir is not None:
-                    if (cfg.save_every and self.step % cfg.save_every == 0) or last or self.should_stop:
-                        self._raise_if_nonfinite()
+                    periodic = cfg.save_every and self.step % cfg.save_every == 0
+                    save_due = periodic or last or self.should_stop
+                    if save_due or self._best_due:
+                        self._raise_if_nonfinite(saving=True)
+                    if save_due:
                         self.save()
                     if self._best_due:
                         self.save(self.out_dir / BEST_NAME)
@@ -483,26 +486,30 @@ class Trainer:
         self.scheduler.step()
         window.add_step(grad_norm)
         if cfg.stop_on_nonfinite:  # device ops only; read by _raise_if_nonfinite
-            finite = torch.isfinite(step_loss)
-            if not self.scaler.is_enabled():  # a GradScaler skips steps with inf/NaN gradients by design
-                finite = finite & torch.isfinite(grad_norm)
-            first = self._first_nonfinite
-            self._first_nonfinite = torch.where((first == 0) & ~finite, self.step + 1, first)
+            first, bad = self._first_nonfinite, ~torch.isfinite(step_loss)
+            self._first_nonfinite = torch.where((first == 0) & bad, self.step + 1, first)
 
-    def _raise_if_nonfinite(self) -> None:
-        """``FloatingPointError`` if a step since the fit began had a NaN/inf loss (or gradient norm
-        without a GradScaler) on any rank; called before logging and saving (one sync, collective)."""
+    def _raise_if_nonfinite(self, saving: bool = False) -> None:
+        """``FloatingPointError`` if a step of this fit had a NaN/inf loss on any rank or, when
+        ``saving``, a weight is NaN/inf; called before logging and saving (one sync, collective)."""
         if not self.config.stop_on_nonfinite or self._first_nonfinite is None:
             return
-        bad = [step for step in all_gather_object(int(self._first_nonfinite)) if step]
-        if not bad:
+        weights_ok = True
+        if saving and self._params:
+            weights_ok = bool(torch.stack([p.isfinite().all() for p in self._params]).all())
+        states = all_gather_object((int(self._first_nonfinite), weights_ok))
+        bad = [step for step, _ in states if step]
+        if bad:
+            what = f"the loss is not finite since step {min(bad)}"
+        elif not all(ok for _, ok in states):
+            what = f"the weights are not finite at step {self.step}"
+        else:
             return
         path = self.checkpoint_path
         kept = (f"the last checkpoint {path} is kept" if path is not None and path.is_file()
                 else "no checkpoint was written")
-        raise FloatingPointError(
-            f"Trainer: the loss or gradient norm is not finite since step {min(bad)} (diverged); {kept}; "
-            "expected a lower TrainConfig.lr or more warmup_steps (stop_on_nonfinite=False trains on)")
+        raise FloatingPointError(f"Trainer: {what} (diverged); {kept}; expected a lower TrainConfig.lr or "
+                                 "more warmup_steps (stop_on_nonfinite=False trains on)")
 
     def _log_values(self, window: _Window, clock: dict[str, float]) -> dict[str, float]:
         cfg = self.config
