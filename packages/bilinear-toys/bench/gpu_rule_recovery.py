@@ -141,7 +141,7 @@ def run_job(job: dict) -> dict:
     try:
         Trainer(model, tc, lm_loss, get_batch, optimizer=opt, scheduler=sched, callbacks=[clock]).fit()
     except FloatingPointError as exc:
-        raise ValueError(f"{job['name']}: diverged (lower lr): {exc}; {last_finite(clock.curve)}") from None
+        raise ValueError(f"{job['name']}: {exc}; {last_finite(clock.curve)}") from None
     t_train = time.time() - t0 - t_setup
     model = model.float().eval()
     tokens, rule, nll = validation_set(lang, job["val_sequences"])
