@@ -59,7 +59,8 @@ def test_a_diverged_job_says_where_its_loss_was_last_finite(tmp_path, bench):
            "time_s": 1.0, "pool": 256, "val_sequences": 8, "evals": 2, "out": str(tmp_path),
            "name": "t3", "model_type": "transformer_3L", "lr": 100.0}
     res = g.run_job_or_error(job)
-    assert res["error"].startswith("ValueError: t3: Trainer: the loss is not finite since step "), res["error"]
+    want = "ValueError: t3: Trainer: the loss is not finite since step "
+    assert res["error"].startswith(want), res["error"]
     assert res["error"].endswith(("no finite val loss", "of the time)")), res["error"]
 
 
