@@ -22,7 +22,7 @@ import torch
 from bilinear_toys.data.synthetic import SyntheticLanguage
 from bilinear_toys.models import ToyTransformer
 from bilinear_toys.train import lm_loss
-from gpu_rule_recovery import build_model
+from gpu_rule_recovery import DEFAULTS, build_model
 from seqmem_shared.optim import build_optimizer
 
 WATCHED = ("hook_attn_out", "hook_mlp_out", "hook_resid_post")
@@ -54,7 +54,7 @@ def train_and_watch(model_type: str, d_model: int, n_head: int, vocab_size: int,
                     qk_init_scale: float = 1.0) -> Iterator[dict]:
     """Yield a record every ``every`` steps (and at the first non-finite loss, then stop)."""
     torch.manual_seed(seed)
-    model = build_model({"model_type": model_type, "vocab_size": vocab_size, "d_model": d_model,
+    model = build_model({**DEFAULTS, "model_type": model_type, "vocab_size": vocab_size, "d_model": d_model,
                          "n_head": n_head, "n_ctx": n_ctx, "init": init, "qk_init_scale": qk_init_scale})
     lang = SyntheticLanguage(vocab_size=vocab_size, seq_len=n_ctx + 1, seed=seed)
     pool, _ = lang.sample(max(64 * batch_size, 4096), seed=0)

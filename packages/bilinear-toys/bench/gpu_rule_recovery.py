@@ -30,7 +30,8 @@ import torch
 DEFAULTS: dict[str, Any] = {"vocab_size": 128, "n_ctx": 64, "d_model": 128, "n_head": 4, "lr": 1e-2,
                             "batch_size": 128, "time_s": 60.0, "init": "unit", "seed": 0, "threads": 1,
                             "pool": 400_000, "val_sequences": 2048, "max_offset": 16, "evals": 8,
-                            "warmup_frac": 0.03, "min_lr_ratio": 0.1, "qk_init_scale": 1.0}
+                            "warmup_frac": 0.03, "min_lr_ratio": 0.1, "qk_init_scale": 1.0,
+                            "norm": None, "qk_norm": False}
 
 
 class WallClock:
@@ -78,7 +79,9 @@ def validation_set(lang, sequences: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 def build_model(job: dict) -> torch.nn.Module:
     """The job's model. ``qk_init_scale`` multiplies a toy model's initial ``W_Q`` and ``W_K`` (the pattern
-    starts at its 4th power): a smaller start keeps deeper polynomial models from blowing up early."""
+    starts at its 4th power): a smaller start keeps deeper polynomial models from blowing up early.
+    ``norm``/``qk_norm`` (``ModelConfig``'s) give a non-polynomial toy model: trained and scored on the
+    data like the softmax references, without the weight-based analysis."""
     from bilinear_toys.models import ModelConfig, ToyTransformer
     from bilinear_toys.models.reference import SoftmaxTransformer
 
@@ -89,7 +92,7 @@ def build_model(job: dict) -> torch.nn.Module:
                                   mlp=job.get("mlp", True))
     model = ToyTransformer(ModelConfig(kind, vocab_size=job["vocab_size"], d_model=job["d_model"],
                                        n_head=job["n_head"], n_ctx=job["n_ctx"], init=job["init"],
-                                       attention_impl="quadratic"))
+                                       norm=job["norm"], qk_norm=job["qk_norm"], attention_impl="quadratic"))
     with torch.no_grad():
         for block in model.blocks:
             block.attn.q.weight.mul_(job["qk_init_scale"])
@@ -150,7 +153,7 @@ def run_job(job: dict) -> dict:
     res = {"job": job, "steps": clock.curve[-1]["step"] if clock.curve else 0, "curve": clock.curve,
            "setup_s": round(t_setup, 1), "train_s": round(t_train, 1), "losses": losses,
            **fit_summary(losses, job.get("fit_margin", 0.1)), "plateau": plateau(clock.curve)}
-    if hasattr(model, "config"):  # a polynomial toy model: the weight-based analysis
+    if getattr(model, "config", None) is not None and model.config.is_polynomial:  # weight-based analysis
         save_model(model, out, "synthetic", {"steps": res["steps"]})
         res["recovery"] = rule_recovery(model, lang.rules.to_dict(), max_offset=job["max_offset"])
     res["analysis_s"] = round(time.time() - t0 - t_setup - t_train, 1)

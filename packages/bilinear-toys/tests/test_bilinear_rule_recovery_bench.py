@@ -19,9 +19,12 @@ def test_isolated_jobs_keep_the_others_results(tmp_path, bench):
     old.write_text(json.dumps({"old": True}))
     os.utime(old, (0, 0))
     jobs = [{**tiny, "name": "ok", "model_type": "attention_only_1L"},
-            {**tiny, "name": "bad", "model_type": "no_such_model"}]
-    ok, bad = g.run_isolated(jobs)
+            {**tiny, "name": "bad", "model_type": "no_such_model"},
+            {**tiny, "name": "normed", "model_type": "attention_only_1L", "norm": "rms"}]
+    ok, bad, normed = g.run_isolated(jobs)
     assert ok["job"]["name"] == "ok" and "recovery" in ok and ok["steps"] > 0
+    # a model with norms trains and is scored on the data, but the weight analysis needs a polynomial one
+    assert "recovery" not in normed and normed["losses"]["all"]["loss"] > 0 and normed["steps"] > 0
     assert bad["job"]["name"] == "bad" and "no_such_model" in bad["error"]
     assert json.loads((tmp_path / "bad" / "error.json").read_text())["error"] == bad["error"]
     assert json.loads(old.read_text()) == {"old": True}
