@@ -153,9 +153,10 @@ def run_job(job: dict) -> dict:
     res = {"job": job, "steps": clock.curve[-1]["step"] if clock.curve else 0, "curve": clock.curve,
            "setup_s": round(t_setup, 1), "train_s": round(t_train, 1), "losses": losses,
            **fit_summary(losses, job.get("fit_margin", 0.1)), "plateau": plateau(clock.curve)}
-    if getattr(model, "config", None) is not None and model.config.is_polynomial:  # weight-based analysis
+    if getattr(model, "config", None) is not None:  # a toy model (saved); polynomial: the weight analysis
         save_model(model, out, "synthetic", {"steps": res["steps"]})
-        res["recovery"] = rule_recovery(model, lang.rules.to_dict(), max_offset=job["max_offset"])
+        if model.config.is_polynomial:
+            res["recovery"] = rule_recovery(model, lang.rules.to_dict(), max_offset=job["max_offset"])
     res["analysis_s"] = round(time.time() - t0 - t_setup - t_train, 1)
     from seqmem_shared.io import atomic_write_json
 

@@ -25,6 +25,7 @@ def test_isolated_jobs_keep_the_others_results(tmp_path, bench):
     assert ok["job"]["name"] == "ok" and "recovery" in ok and ok["steps"] > 0
     # a model with norms trains and is scored on the data, but the weight analysis needs a polynomial one
     assert "recovery" not in normed and normed["losses"]["all"]["loss"] > 0 and normed["steps"] > 0
+    assert (tmp_path / "normed" / "toy_transformer_synthetic_attention_only_1L.safetensors").is_file()
     assert bad["job"]["name"] == "bad" and "no_such_model" in bad["error"]
     assert json.loads((tmp_path / "bad" / "error.json").read_text())["error"] == bad["error"]
     assert json.loads(old.read_text()) == {"old": True}
