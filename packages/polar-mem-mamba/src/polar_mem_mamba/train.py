@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from seqmem_shared import config as shared_config
 from seqmem_shared.kernels import cross_entropy
-from seqmem_shared.train import CheckpointError, TrainConfig, Trainer, init_distributed, load_checkpoint
+from seqmem_shared.train import (
+    CheckpointError,
+    TrainConfig,
+    Trainer,
+    barrier,
+    cleanup,
+    init_distributed,
+    load_checkpoint,
+)
 from torch import nn
 
 from polar_mem_mamba.config import Config, ConfigError
@@ -186,8 +194,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:
         parser.exit(2, f"error: {exc}\n")
-    _, metrics = train(config)
-    if init_distributed().is_main:
+    try:
+        _, metrics = train(config)
+        is_main = init_distributed().is_main
+        barrier()  # ranks leave together: one exiting while another still talks to gloo aborts it
+    finally:
+        cleanup()
+    if is_main:
         acc = metrics.get("eval_accuracy")
         print(f"{config.run_name}: step {metrics.get('step')}, validation accuracy "
               f"{'n/a' if acc is None else f'{acc:.4f}'}; checkpoint {config.run_dir / 'checkpoint.pt'}")
