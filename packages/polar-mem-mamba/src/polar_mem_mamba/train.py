@@ -22,10 +22,9 @@ from seqmem_shared.train import (
     CheckpointError,
     TrainConfig,
     Trainer,
-    barrier,
-    cleanup,
     init_distributed,
     load_checkpoint,
+    ranks_finish_together,
 )
 from torch import nn
 
@@ -194,12 +193,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:
         parser.exit(2, f"error: {exc}\n")
-    try:
+    with ranks_finish_together():
         _, metrics = train(config)
         is_main = init_distributed().is_main
-        barrier()  # ranks leave together: one exiting while another still talks to gloo aborts it
-    finally:
-        cleanup()
     if is_main:
         acc = metrics.get("eval_accuracy")
         print(f"{config.run_name}: step {metrics.get('step')}, validation accuracy "

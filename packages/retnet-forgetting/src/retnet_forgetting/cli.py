@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.command == "run":
-        from seqmem_shared.train import barrier, cleanup
+        from seqmem_shared.train import ranks_finish_together
 
         from retnet_forgetting.pipeline import load_config
         from retnet_forgetting.pipeline import run as run_pipeline
@@ -59,11 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = apply_overrides(load_config(args.config), args.set)
         if args.out_dir:
             cfg["out_dir"] = args.out_dir
-        try:
+        with ranks_finish_together():  # the other ranks wait for rank 0's analysis
             report = run_pipeline(cfg)
-            barrier()  # the other ranks wait for rank 0's analysis: one leaving early aborts gloo
-        finally:
-            cleanup()
         if report is not None:  # rank 0 (or a single process)
             print(report)
         return 0

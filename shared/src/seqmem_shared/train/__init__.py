@@ -24,6 +24,7 @@ from seqmem_shared.train.distributed import (
     get_world_size,
     init_distributed,
     is_main_process,
+    ranks_finish_together,
 )
 from seqmem_shared.train.loop import Callback, Trainer, move_to_device, seed_everything
 
@@ -45,6 +46,7 @@ __all__ = [
     "is_main_process",
     "load_checkpoint",
     "move_to_device",
+    "ranks_finish_together",
     "read_metrics",
     "restore_rng_state",
     "save_checkpoint",

@@ -8,7 +8,9 @@ script, everything degrades to a single process: rank 0 of 1, ``barrier`` is a n
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -135,3 +137,15 @@ def cleanup() -> None:
     """Leave the process group, if any (call once at the end of a torchrun script)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def ranks_finish_together() -> Iterator[None]:
+    """Run the body, wait for every rank (:func:`barrier`), then :func:`cleanup`: the end of a torchrun
+    script. A rank that exits while another still talks to gloo aborts it ("terminate called without an
+    active exception"); if the body raises, the group is left without waiting, so no rank hangs."""
+    try:
+        yield
+        barrier()
+    finally:
+        cleanup()

@@ -318,7 +318,7 @@ class Trainer:
         self._elapsed = 0.0
         self._time_limited = False
         self._best_due = False
-        self._first_nonfinite: torch.Tensor | None = None  # step (1-based) on the device; 0: none yet
+        self._first_nonfinite = torch.zeros((), dtype=torch.long, device=self.device)  # 1-based; 0: none
 
     # ----------------------------------------------------------------------------------- setup
 
@@ -465,7 +465,6 @@ class Trainer:
         cfg = self.config
         accum, world, rank = cfg.grad_accum_steps, self.dist.world_size, self.dist.rank
         self.optimizer.zero_grad(set_to_none=True)
-        step_loss: Any = 0.0  # sum of the micro-batch losses: NaN/inf in any of them stays non-finite
         for micro in range(accum):
             index = (self.step * accum + micro) * world + rank
             batch = move_to_device(self.data.next(index), self.device)
@@ -476,7 +475,6 @@ class Trainer:
                     loss, extras = _split_loss(self.loss_fn(self.model, batch))
                 self.scaler.scale(loss / accum if accum > 1 else loss).backward()
             window.add_micro(loss, extras)
-            step_loss = step_loss + loss.detach().float()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip else math.inf
@@ -486,13 +484,14 @@ class Trainer:
         self.scheduler.step()
         window.add_step(grad_norm)
         if cfg.stop_on_nonfinite:  # device ops only; read by _raise_if_nonfinite
-            first, bad = self._first_nonfinite, ~torch.isfinite(step_loss)
+            # the window sums the losses since the last log: it turns non-finite at the first bad step
+            first, bad = self._first_nonfinite, ~torch.isfinite(window.loss)
             self._first_nonfinite = torch.where((first == 0) & bad, self.step + 1, first)
 
     def _raise_if_nonfinite(self, saving: bool = False) -> None:
         """``FloatingPointError`` if a step of this fit had a NaN/inf loss on any rank or, when
         ``saving``, a weight is NaN/inf; called before logging and saving (one sync, collective)."""
-        if not self.config.stop_on_nonfinite or self._first_nonfinite is None:
+        if not self.config.stop_on_nonfinite:
             return
         weights_ok = True
         if saving and self._params:
